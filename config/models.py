@@ -1,0 +1,312 @@
+"""Frozen pydantic models, one per ``relay.toml`` section.
+
+Keys in the file are short (``idle_timeout = "5m"``); the Python attributes carry the
+unit (``idle_timeout_seconds``) through aliases. Unknown keys are errors everywhere.
+Secrets are ``SecretStr``; the loader resolves ``*_env`` keys before validation.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from config.units import Bytes, Seconds
+
+_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, str_strip_whitespace=True
+    )
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{value!r} is not host:port, e.g. '127.0.0.1:2525'")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{value!r} has no host, e.g. '0.0.0.0:2525'")
+    return host, number
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """Split a validated ``host:port`` listen string."""
+    return _split_listen(value)
+
+
+def _listen(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected 'host:port'")  # noqa: TRY004 (pydantic wants ValueError)
+    _split_listen(value)
+    return value
+
+
+class ServerConfig(_Section):
+    """``[server]``: the SMTP listener for the sending accounts' mailers."""
+
+    hostname: str = "localhost"
+    listen: str = "127.0.0.1:2525"
+    max_message_size_bytes: Bytes = Field(default=25 * 1024**2, alias="max_message_size")
+    max_recipients: int = Field(default=100, ge=1, le=10_000)
+    max_sessions: int = Field(default=500, ge=1)
+    idle_timeout_seconds: Seconds = Field(default=300.0, alias="idle_timeout")
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    require_tls: bool = False
+    allow_cleartext_auth: bool = False
+    smtputf8: bool = True
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_failure_window_seconds: Seconds = Field(
+        default=600.0, alias="auth_failure_window"
+    )
+    auth_lockout_seconds: Seconds = Field(default=900.0, alias="auth_lockout")
+    shutdown_grace_seconds: Seconds = Field(default=30.0, alias="shutdown_grace")
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _check_listen(cls, value: object) -> str:
+        return _listen(value)
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str) -> str:
+        if not _HOSTNAME.match(value):
+            raise ValueError(f"{value!r} is not a valid host name")
+        return value
+
+    @field_validator("max_message_size_bytes")
+    @classmethod
+    def _check_size(cls, value: int) -> int:
+        if value < 1024:
+            raise ValueError("must be at least 1KiB")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.require_tls and self.tls_cert_file is None:
+            raise ValueError("require_tls needs tls_cert_file and tls_key_file")
+        return self
+
+
+class HttpConfig(_Section):
+    """``[http]``: metrics, health, unsubscribe pages and the admin API."""
+
+    listen: str = "127.0.0.1:9025"
+    public_url: str = "http://127.0.0.1:9025"
+    admin_token: SecretStr | None = None
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _check_listen(cls, value: object) -> str:
+        return _listen(value)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class StorageConfig(_Section):
+    """``[storage]``: where the queue, events and lists live."""
+
+    url: str = "sqlite:///relay-data/relay.db"
+    timeout_seconds: Seconds = Field(default=10.0, alias="timeout")
+    min_free_space_bytes: Bytes = Field(default=64 * 1024**2, alias="min_free_space")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        if value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("the PostgreSQL backend is not available yet; use sqlite")
+        raise ValueError(
+            f"{value!r} is not a storage URL; write 'sqlite:///relative/path.db' "
+            "or 'sqlite:////absolute/path.db'"
+        )
+
+    @property
+    def sqlite_path(self) -> str:
+        """The database file named by ``url``."""
+        return self.url[len("sqlite:///") :]
+
+
+class UpstreamScheme(StrEnum):
+    """How the relay talks to its smarthost."""
+
+    SMTP = "smtp"
+    STARTTLS = "smtp+starttls"
+    SMTPS = "smtps"
+
+
+class UpstreamConfig(_Section):
+    """``[upstream]``: the smarthost that receives the relay's clean mail."""
+
+    url: str = "smtp://127.0.0.1:2526"
+    username: str | None = None
+    password: SecretStr | None = None
+    pool_size: int = Field(default=8, ge=1, le=256)
+    connect_timeout_seconds: Seconds = Field(default=15.0, alias="connect_timeout")
+    command_timeout_seconds: Seconds = Field(default=60.0, alias="command_timeout")
+    idle_timeout_seconds: Seconds = Field(default=30.0, alias="idle_timeout")
+    messages_per_connection: int = Field(default=1000, ge=1)
+    tls_verify: bool = True
+    helo_name: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {s.value for s in UpstreamScheme}:
+            raise ValueError(
+                f"scheme {parts.scheme!r} is not one of smtp://, smtp+starttls://, "
+                "smtps://"
+            )
+        if not parts.hostname:
+            raise ValueError(f"{value!r} names no host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has an invalid port") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> UpstreamConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+    @property
+    def scheme(self) -> UpstreamScheme:
+        """The transport named by ``url``."""
+        return UpstreamScheme(urlsplit(self.url).scheme)
+
+    @property
+    def host(self) -> str:
+        """The smarthost's name or address."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """The smarthost's port (default 25, or 465 for ``smtps``)."""
+        port = urlsplit(self.url).port
+        if port is not None:
+            return port
+        return 465 if self.scheme is UpstreamScheme.SMTPS else 25
+
+
+class QueueConfig(_Section):
+    """``[queue]``: retries, lifetime and delivery status notifications."""
+
+    retry_schedule_seconds: tuple[Seconds, ...] = Field(
+        default=(60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0),
+        alias="retry_schedule",
+        min_length=1,
+    )
+    retry_jitter: float = Field(default=0.1, ge=0.0, le=0.5)
+    max_lifetime_seconds: Seconds = Field(default=5 * 86400.0, alias="max_lifetime")
+    send_dsn: bool = True
+    dsn_sender: str = "MAILER-DAEMON"
+    poll_interval_seconds: Seconds = Field(default=1.0, alias="poll_interval")
+
+    @field_validator("retry_schedule_seconds")
+    @classmethod
+    def _check_schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(step <= 0 for step in value):
+            raise ValueError("every retry delay must be above zero")
+        return value
+
+    @field_validator("poll_interval_seconds")
+    @classmethod
+    def _check_poll(cls, value: float) -> float:
+        if not 0.05 <= value <= 60:
+            raise ValueError("must be between 50ms and 60s")
+        return value
+
+
+class AccountConfig(_Section):
+    """``[accounts.NAME]``: a sending account; its name is the AUTH user name."""
+
+    password_hash: SecretStr
+    enabled: bool = True
+    domains: dict[str, date] = Field(default_factory=dict)
+
+    @field_validator("password_hash")
+    @classmethod
+    def _check_hash(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith("$argon2"):
+            raise ValueError(
+                "is not an argon2 hash; produce one with 'relay hash-password'"
+            )
+        return value
+
+
+class LogConfig(_Section):
+    """``[log]``: where and how the JSON log lines go."""
+
+    level: str = "info"
+    format: str = "auto"
+
+    @field_validator("level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+    @field_validator("format")
+    @classmethod
+    def _check_format(cls, value: str) -> str:
+        if value not in {"auto", "json", "console"}:
+            raise ValueError("must be one of auto, json, console")
+        return value
+
+
+class RelayConfig(_Section):
+    """The whole of ``relay.toml``."""
+
+    server: ServerConfig = ServerConfig()
+    http: HttpConfig = HttpConfig()
+    storage: StorageConfig = StorageConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+    accounts: dict[str, AccountConfig] = Field(default_factory=dict)
+
+    @field_validator("accounts", mode="before")
+    @classmethod
+    def _check_account_names(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in value:
+                if not _ACCOUNT_NAME.match(str(name)):
+                    raise ValueError(
+                        f"account name {name!r} must be 1-64 letters, digits, "
+                        "'_', '.' or '-'"
+                    )
+        return value

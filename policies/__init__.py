@@ -1,0 +1,1 @@
+"""Sending-policy checks (see the policies issue); empty until then."""

@@ -1,0 +1,182 @@
+"""Builds every part of the relay, starts them in order and drains them on SIGTERM.
+
+Start: store → queue → delivery workers → SMTP and HTTP listeners → ready.
+Stop (SIGTERM or SIGINT): not ready; stop accepting connections; ``421 4.3.2`` to new
+transactions; in-flight transactions and delivery attempts get
+``[server] shutdown_grace`` to finish; the rest stays queued; the store closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import structlog
+
+from config.models import RelayConfig, split_listen
+from relay import __version__, replies
+from relay.auth import Authenticator
+from relay.clock import Clock, SystemClock
+from relay.delivery import Delivery, DeliverySettings
+from relay.http import HttpListener
+from relay.metrics import Metrics
+from relay.queue import Queue
+from relay.smtp_handler import HandlerSettings, RelayHandler
+from relay.smtp_server import SmtpListener
+from storage.sqlite import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+
+class Relay:
+    """One running relay: store, queue, workers and listeners."""
+
+    def __init__(self, config: RelayConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics(__version__)
+        self.store = SqliteStore(
+            config.storage.sqlite_path,
+            timeout_seconds=config.storage.timeout_seconds,
+            min_free_space_bytes=config.storage.min_free_space_bytes,
+        )
+        workers = config.upstream.pool_size
+        self.queue = Queue(
+            self.store, config.queue, self.clock, self.metrics, capacity=max(8, workers * 4)
+        )
+        self.delivery = Delivery(
+            self.queue,
+            self.store,
+            DeliverySettings(config.server.hostname, config.upstream, config.queue),
+            self.clock,
+            self.metrics,
+        )
+        server = config.server
+        self.handler = RelayHandler(
+            HandlerSettings(
+                hostname=server.hostname,
+                max_recipients=server.max_recipients,
+                max_message_size_bytes=server.max_message_size_bytes,
+                max_sessions=server.max_sessions,
+            ),
+            Authenticator(
+                config.accounts,
+                clock=self.clock,
+                max_failures=server.auth_max_failures,
+                failure_window_seconds=server.auth_failure_window_seconds,
+                lockout_seconds=server.auth_lockout_seconds,
+            ),
+            self.queue,
+            self.metrics,
+            self.clock,
+            free_space_ok=self.store.free_space_ok,
+        )
+        smtp_host, smtp_port = split_listen(server.listen)
+        self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)
+        http_host, http_port = split_listen(config.http.listen)
+        self.http = HttpListener(
+            http_host,
+            http_port,
+            self.metrics,
+            is_ready=lambda: self.ready,
+            refresh=self.refresh_metrics,
+        )
+        self.ready = False
+        self._tasks: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store, start the workers and both listeners; then be ready."""
+        await self.store.open()
+        self._tasks = asyncio.create_task(self._run_tasks(), name="relay-tasks")
+        await self.http.start()
+        await self.smtp.start()
+        self.ready = True
+        stats = await self.store.stats()
+        log.info(
+            "relay_started",
+            version=__version__,
+            smtp_port=self.smtp.port,
+            http_port=self.http.port,
+            queued=stats.messages,
+            upstream=self.config.upstream.url.split("@")[-1],
+        )
+
+    async def _run_tasks(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.queue.run_poller(), name="queue-poller")
+            group.create_task(self.queue.run_recorder(), name="queue-recorder")
+            for number in range(self.config.upstream.pool_size):
+                group.create_task(self.delivery.run_worker(number), name=f"worker-{number}")
+
+    async def shutdown(self) -> None:
+        """Drain: finish what is in flight within the grace period, keep the rest queued."""
+        grace = self.config.server.shutdown_grace_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.ready = False
+        self.handler.draining = True
+        self.smtp.stop_accepting()
+        log.info("relay_draining", grace_seconds=grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self.handler.wait_idle()
+        for connection in list(self.handler.connections):
+            transport = connection.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(f"{replies.SHUTTING_DOWN.render()}\r\n".encode())
+                transport.close()
+        self.queue.stop_accepting_work()
+        self.delivery.stop()
+        if self._tasks is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(max(deadline, loop.time() + 0.1)):
+                    while self.delivery.busy:
+                        await asyncio.sleep(0.02)
+            self._tasks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tasks
+            self._tasks = None
+        await self.queue.drain_results()
+        await self.http.stop()
+        await self.store.close()
+        log.info("relay_stopped")
+
+    async def refresh_metrics(self) -> None:
+        """Update the queue gauges from the store (called at scrape time)."""
+        stats = await self.store.stats()
+        in_flight = self.queue.in_flight
+        self.metrics.queue_messages.labels("queued").set(max(0, stats.messages - in_flight))
+        self.metrics.queue_messages.labels("in_flight").set(in_flight)
+        self.metrics.queue_recipients.set(stats.recipients)
+        oldest = stats.oldest_received_at
+        age = (self.clock.now() - oldest).total_seconds() if oldest else 0.0
+        self.metrics.queue_oldest_message_age_seconds.set(max(0.0, age))
+
+
+@contextlib.contextmanager
+def stop_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGTERM or SIGINT while inside; restore the old handlers after."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def serve(config: RelayConfig) -> None:
+    """Run the relay until SIGTERM or SIGINT, then drain and return."""
+    relay = Relay(config)
+    stop = asyncio.Event()
+    with stop_signals(stop):
+        await relay.start()
+        try:
+            await stop.wait()
+        finally:
+            await relay.shutdown()

@@ -1,0 +1,314 @@
+"""The delivery workers: lease a job, send it upstream, record each recipient's fate.
+
+Each worker owns one :class:`~relay.upstream.UpstreamConnection` and reuses it for
+many messages. Per recipient: 2xx is delivered; 4xx, timeouts and connection
+failures are retried on the ``[queue]`` schedule; 5xx (and the end of the message's
+lifetime) is a bounce, recorded as an event and reported to the envelope sender
+with an RFC 3464 DSN unless the message had the null sender or was itself a DSN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from config.models import QueueConfig, UpstreamConfig
+from relay.clock import Clock
+from relay.dsn import FailedRecipient, build_dsn, is_delivery_report
+from relay.errors import TemporaryError
+from relay.metrics import Metrics
+from relay.queue import Job, Queue
+from relay.retry import next_attempt
+from relay.upstream import Outcome, RecipientOutcome, UpstreamConnection
+from storage.addresses import domain_of
+from storage.base import (
+    AttemptRecord,
+    BounceType,
+    Event,
+    EventKind,
+    NewMessage,
+    QueueStore,
+    RecipientResult,
+    RecipientState,
+)
+from storage.errors import StorageError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """What the workers need from relay.toml."""
+
+    hostname: str
+    upstream: UpstreamConfig
+    queue: QueueConfig
+
+
+class Delivery:
+    """A pool of workers that forward queued mail to the upstream."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        store: QueueStore,
+        settings: DeliverySettings,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self._queue = queue
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._metrics = metrics
+        self._stopping = asyncio.Event()
+        self._busy = 0
+        self._idle_timeout = settings.upstream.idle_timeout_seconds
+
+    @property
+    def busy(self) -> int:
+        """Workers in the middle of an attempt."""
+        return self._busy
+
+    def stop(self) -> None:
+        """Let each worker finish its current attempt, then end."""
+        self._stopping.set()
+
+    async def run_worker(self, number: int) -> None:
+        """One worker: lease, attempt, record; until :meth:`stop`."""
+        connection = UpstreamConnection(self._settings.upstream, self._settings.hostname)
+        try:
+            while not self._stopping.is_set():
+                job = await self._next(connection)
+                if job is None:
+                    continue
+                self._busy += 1
+                try:
+                    await self._attempt(job, connection)
+                except Exception:  # noqa: BLE001 - worker boundary: never die on one message
+                    log.exception("delivery_crashed", queue_id=job.queue_id, worker=number)
+                    self._queue.release(job.queue_id)
+                finally:
+                    self._busy -= 1
+        finally:
+            await asyncio.shield(connection.close())
+
+    async def _next(self, connection: UpstreamConnection) -> Job | None:
+        getter = asyncio.ensure_future(self._queue.next_job())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        timeout = self._idle_timeout if connection.connected else None
+        try:
+            done, _ = await asyncio.wait(
+                {getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter in done:
+            job = getter.result()
+            if self._stopping.is_set():
+                self._queue.release(job.queue_id)
+                return None
+            return job
+        if not done:  # idle: give the upstream its connection back
+            await connection.close()
+        return None
+
+    async def _attempt(self, job: Job, connection: UpstreamConnection) -> None:
+        content = job.content
+        if content is None:
+            try:
+                content = await self._store.content(job.queue_id)
+            except StorageError as exc:
+                log.warning("delivery_load_failed", queue_id=job.queue_id, error=str(exc))
+                self._queue.release(job.queue_id)
+                return
+            if content is None:  # deleted meanwhile (relay queue delete)
+                self._queue.release(job.queue_id)
+                return
+        started = time.monotonic()
+        attempt = job.attempts + 1
+        try:
+            outcomes = await connection.send(
+                job.mail_from, job.recipients, content, smtputf8=job.smtputf8
+            )
+        except TemporaryError as exc:
+            outcomes = [
+                RecipientOutcome(rcpt, Outcome.TEMPORARY, None, "4.4.1", str(exc))
+                for rcpt in job.recipients
+            ]
+        duration = time.monotonic() - started
+        self._metrics.delivery_duration_seconds.observe(duration)
+        record, result = self._judge(job, outcomes, content, attempt)
+        self._queue.finish(record)
+        self._metrics.delivery_attempts_total.labels(result).inc()
+        if record.next_attempt_at is None:
+            self._metrics.queue_time_seconds.observe(
+                (self._clock.now() - job.received_at).total_seconds()
+            )
+        first = outcomes[0]
+        log.info(
+            "delivery_attempted",
+            queue_id=job.queue_id,
+            account=job.account,
+            attempt=attempt,
+            rcpt_count=len(job.recipients),
+            outcome=result,
+            upstream=connection.name,
+            smtp_code=first.code,
+            smtp_status=first.status,
+            reply=first.text[:200],
+            delivered=sum(o.outcome is Outcome.DELIVERED for o in outcomes),
+            duration_seconds=round(duration, 4),
+            retry_in_seconds=(
+                round((record.next_attempt_at - record.attempted_at).total_seconds())
+                if record.next_attempt_at
+                else None
+            ),
+        )
+
+    def _judge(
+        self,
+        job: Job,
+        outcomes: Sequence[RecipientOutcome],
+        content: bytes,
+        attempt: int,
+    ) -> tuple[AttemptRecord, str]:
+        now = self._clock.now()
+        cfg = self._settings.queue
+        retry_at = next_attempt(
+            now, attempt, job.expires_at, cfg.retry_schedule_seconds, cfg.retry_jitter
+        )
+        results: list[RecipientResult] = []
+        events: list[Event] = []
+        failures: list[FailedRecipient] = []
+        pending = 0
+        counts: dict[str, int] = {}
+        for out in outcomes:
+            if out.outcome is Outcome.DELIVERED:
+                state = RecipientState.DELIVERED
+            elif out.outcome is Outcome.PERMANENT:
+                state = RecipientState.BOUNCED
+            elif retry_at is None:
+                state = RecipientState.EXPIRED
+            else:
+                state = RecipientState.PENDING
+                pending += 1
+            counts[state.value] = counts.get(state.value, 0) + 1
+            self._metrics.delivery_recipients_total.labels(
+                "deferred" if state is RecipientState.PENDING else state.value
+            ).inc()
+            results.append(
+                RecipientResult(out.address, state, out.code, out.status, out.text)
+            )
+            if state in (RecipientState.BOUNCED, RecipientState.EXPIRED):
+                bounce_type = (
+                    BounceType.HARD if state is RecipientState.BOUNCED else BounceType.SOFT
+                )
+                events.append(
+                    Event(
+                        kind=EventKind.BOUNCE,
+                        account=job.account,
+                        recipient=out.address,
+                        occurred_at=now,
+                        source="delivery",
+                        queue_id=job.queue_id,
+                        smtp_code=out.code,
+                        status=out.status if bounce_type is BounceType.HARD else "4.4.7",
+                        detail=out.text,
+                        bounce_type=bounce_type,
+                        dedup_key=f"delivery:{job.queue_id}:{out.address}",
+                    )
+                )
+                self._metrics.bounces_total.labels(
+                    job.account or "-", bounce_type.value
+                ).inc()
+                failures.append(
+                    FailedRecipient(
+                        address=out.address,
+                        status=out.status if state is RecipientState.BOUNCED else "4.4.7",
+                        diagnostic=(
+                            out.text
+                            if state is RecipientState.BOUNCED
+                            else f"message expired after retrying: {out.text}"
+                        ),
+                        smtp_code=out.code,
+                        remote_mta=self._settings.upstream.host if out.code else None,
+                    )
+                )
+                log.info(
+                    "recipient_bounced",
+                    queue_id=job.queue_id,
+                    account=job.account,
+                    rcpt_domain=domain_of(out.address),
+                    bounce_type=bounce_type.value,
+                    smtp_code=out.code,
+                    smtp_status=out.status,
+                )
+        followups = self._dsn(job, content, failures)
+        record = AttemptRecord(
+            queue_id=job.queue_id,
+            results=tuple(results),
+            attempted_at=now,
+            next_attempt_at=retry_at if pending else None,
+            last_error=None if not pending else next(
+                (o.text for o in outcomes if o.outcome is Outcome.TEMPORARY), None
+            ),
+            events=tuple(events),
+            followups=followups,
+        )
+        if len(counts) > 1:
+            result = "partial"
+        else:
+            result = {
+                "delivered": "delivered",
+                "pending": "deferred",
+                "bounced": "bounced",
+                "expired": "expired",
+            }[next(iter(counts))]
+        return record, result
+
+    def _dsn(
+        self,
+        job: Job,
+        content: bytes,
+        failures: Sequence[FailedRecipient],
+    ) -> tuple[NewMessage, ...]:
+        cfg = self._settings.queue
+        # RFC 3464 §4 / RFC 5321 §6.1: never a DSN to the null sender, and never
+        # one about a DSN (a generated message or a delivery report).
+        if (
+            not failures
+            or not cfg.send_dsn
+            or not job.mail_from
+            or job.account is None
+            or is_delivery_report(content)
+        ):
+            return ()
+        hostname = self._settings.hostname
+        dsn_from = cfg.dsn_sender if "@" in cfg.dsn_sender else f"{cfg.dsn_sender}@{hostname}"
+        body = build_dsn(
+            reporting_mta=hostname,
+            dsn_from=dsn_from,
+            original_mail_from=job.mail_from,
+            original_message=content,
+            queue_id=job.queue_id,
+            arrival=job.received_at,
+            failures=failures,
+            now=self._clock.now(),
+        )
+        self._metrics.dsn_generated_total.inc()
+        return (
+            self._queue.new_message(
+                account=None,
+                mail_from="",
+                recipients=(job.mail_from,),
+                content=body,
+                smtputf8=not job.mail_from.isascii(),
+            ),
+        )

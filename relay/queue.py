@@ -1,0 +1,221 @@
+"""The durable queue as the relay sees it: enqueue, hand out work, record results.
+
+``enqueue`` returns once the message is committed (the SMTP handler replies 250
+after it, never before) and hands the fresh message straight to the delivery
+workers, body in memory. Messages waiting for a retry, or left over from before a
+restart, are found by a poller that asks the store what is due. A message is
+leased to one worker at a time: it is "in flight" from hand-out until the store has
+committed that attempt's results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from config.models import QueueConfig
+from relay.clock import Clock
+from relay.metrics import Metrics
+from storage.base import AttemptRecord, NewMessage, QueuedMessage, QueueStore
+from storage.errors import StorageError
+
+log = structlog.get_logger(__name__)
+
+
+def new_queue_id() -> str:
+    """A short, unique, roughly time-ordered queue id (e.g. ``01JD3K7Q9F2A1B3C``)."""
+    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One delivery attempt's worth of work, leased to one worker."""
+
+    queue_id: str
+    account: str | None
+    mail_from: str
+    recipients: tuple[str, ...]
+    received_at: datetime
+    expires_at: datetime
+    attempts: int
+    smtputf8: bool
+    content: bytes | None = None
+    """The message, when it is still in memory (fresh messages); else loaded."""
+
+    @classmethod
+    def from_queued(cls, message: QueuedMessage) -> Job:
+        """A job for a message found in the store."""
+        return cls(
+            queue_id=message.queue_id,
+            account=message.account,
+            mail_from=message.mail_from,
+            recipients=message.recipients,
+            received_at=message.received_at,
+            expires_at=message.expires_at,
+            attempts=message.attempts,
+            smtputf8=message.smtputf8,
+        )
+
+    @classmethod
+    def from_new(cls, message: NewMessage) -> Job:
+        """A job for a message just accepted."""
+        return cls(
+            queue_id=message.queue_id,
+            account=message.account,
+            mail_from=message.mail_from,
+            recipients=message.recipients,
+            received_at=message.received_at,
+            expires_at=message.expires_at,
+            attempts=0,
+            smtputf8=message.smtputf8,
+            content=message.content,
+        )
+
+
+class Queue:
+    """Enqueue durably, lease jobs to workers, apply their results."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        config: QueueConfig,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        capacity: int,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._clock = clock
+        self._metrics = metrics
+        self._jobs: asyncio.Queue[Job] = asyncio.Queue(maxsize=capacity)
+        self._results: asyncio.Queue[AttemptRecord] = asyncio.Queue()
+        self._in_flight: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        """Messages leased to workers or waiting for a worker."""
+        return len(self._in_flight)
+
+    def new_message(
+        self,
+        *,
+        account: str | None,
+        mail_from: str,
+        recipients: tuple[str, ...],
+        content: bytes,
+        smtputf8: bool,
+        queue_id: str | None = None,
+    ) -> NewMessage:
+        """A message record stamped with an id, arrival and expiry."""
+        now = self._clock.now()
+        return NewMessage(
+            queue_id=queue_id or new_queue_id(),
+            account=account,
+            mail_from=mail_from,
+            recipients=recipients,
+            content=content,
+            received_at=now,
+            expires_at=now + timedelta(seconds=self._config.max_lifetime_seconds),
+            smtputf8=smtputf8,
+        )
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Commit ``message``; on return it is durable and offered to a worker."""
+        await self._store.enqueue(message)
+        self._offer(Job.from_new(message))
+
+    def _offer(self, job: Job) -> bool:
+        if self._stopping or job.queue_id in self._in_flight or self._jobs.full():
+            return False  # the poller will find it in the store later
+        self._in_flight.add(job.queue_id)
+        self._jobs.put_nowait(job)
+        return True
+
+    async def next_job(self) -> Job:
+        """Wait for the next leased job."""
+        return await self._jobs.get()
+
+    def finish(self, record: AttemptRecord) -> None:
+        """Hand an attempt's results to the recorder; the lease ends once committed."""
+        self._results.put_nowait(record)
+
+    def release(self, queue_id: str) -> None:
+        """End a lease without recording anything (the attempt did not happen)."""
+        self._in_flight.discard(queue_id)
+
+    def wake(self) -> None:
+        """Ask the poller to look for due messages now."""
+        self._wake.set()
+
+    def stop_accepting_work(self) -> None:
+        """Hand out no further jobs (draining); queued ones stay in the store."""
+        self._stopping = True
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            self._in_flight.discard(job.queue_id)
+
+    async def run_poller(self) -> None:
+        """Find due messages in the store and lease them, forever."""
+        while True:
+            room = self._jobs.maxsize - self._jobs.qsize()
+            if room > 0 and not self._stopping:
+                try:
+                    due = await self._store.due(
+                        self._clock.now(), room + len(self._in_flight)
+                    )
+                except StorageError as exc:
+                    log.warning("queue_poll_failed", error=str(exc))
+                    due = []
+                for message in due:
+                    if message.queue_id in self._in_flight:
+                        continue
+                    if not message.recipients:
+                        continue
+                    if not self._offer(Job.from_queued(message)):
+                        break
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self._config.poll_interval_seconds):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def run_recorder(self) -> None:
+        """Commit attempt results in batches, then end their leases, forever."""
+        while True:
+            batch = [await self._results.get()]
+            while not self._results.empty():
+                batch.append(self._results.get_nowait())
+            await self._record(batch)
+
+    async def drain_results(self) -> None:
+        """Commit every result handed in so far (at shutdown)."""
+        batch = []
+        while not self._results.empty():
+            batch.append(self._results.get_nowait())
+        if batch:
+            await self._record(batch)
+
+    async def _record(self, batch: list[AttemptRecord]) -> None:
+        outcomes = await asyncio.gather(
+            *(self._store.record_attempt(record) for record in batch),
+            return_exceptions=True,
+        )
+        for record, outcome in zip(batch, outcomes, strict=True):
+            self._in_flight.discard(record.queue_id)
+            if isinstance(outcome, BaseException):
+                # The attempt stays unrecorded: the message will be tried again
+                # (a duplicate at worst, never a loss).
+                log.error(
+                    "attempt_not_recorded", queue_id=record.queue_id, error=str(outcome)
+                )
+            elif record.followups:
+                self._wake.set()

@@ -1,0 +1,477 @@
+"""The aiosmtpd hooks: the only module that knows aiosmtpd's hook API.
+
+Turns AUTH, MAIL, RCPT and DATA into decisions and replies (text from
+:mod:`relay.replies`), writes each accepted message to the durable queue before
+answering 250, and emits one ``transaction_completed`` line per transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import secrets
+import time
+from base64 import b64decode
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiosmtpd.smtp import MISSING, Envelope, Session
+
+from relay import replies
+from relay.auth import Authenticator
+from relay.clock import Clock
+from relay.message import MessageView
+from relay.metrics import Metrics
+from relay.queue import Queue, new_queue_id
+from relay.replies import SmtpReply
+from storage.addresses import AddressError, canonical_address, domain_of
+from storage.errors import StorageFullError, StorageUnavailableError
+
+if TYPE_CHECKING:
+    from relay.smtp_server import RelaySMTP
+
+log = structlog.get_logger(__name__)
+
+_NULL_SENDER = "<>"
+_CORE = "smtp"
+
+
+@dataclass(slots=True)
+class Transaction:
+    """What one MAIL ... DATA transaction has gathered so far."""
+
+    mail_from: str
+    started: float
+    smtputf8: bool
+    recipients: list[str] = field(default_factory=list)
+    refused: int = 0
+
+
+class RelaySession(Session):  # type: ignore[misc]
+    """aiosmtpd's session plus the relay's per-connection state."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.session_id = secrets.token_hex(4)
+        self.peer_ip = "-"
+        self.account: str | None = None
+        self.helo = ""
+        self.transaction: Transaction | None = None
+        self.ended_with = "disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSettings:
+    """What the hooks need from relay.toml."""
+
+    hostname: str
+    max_recipients: int
+    max_message_size_bytes: int
+    max_sessions: int
+
+
+class RelayHandler:
+    """aiosmtpd handler: AUTH, MAIL, RCPT, DATA for the sending accounts."""
+
+    def __init__(
+        self,
+        settings: HandlerSettings,
+        authenticator: Authenticator,
+        queue: Queue,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        free_space_ok: Any,
+    ) -> None:
+        self._settings = settings
+        self._auth = authenticator
+        self._queue = queue
+        self._metrics = metrics
+        self._clock = clock
+        self._free_space_ok = free_space_ok
+        self.active_sessions = 0
+        self.active_transactions = 0
+        self.draining = False
+        self.connections: set[RelaySMTP] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- sessions -------------------------------------------------------------
+
+    def session_opened(self, server: RelaySMTP, session: RelaySession) -> SmtpReply | None:
+        """Count a new connection; return a refusal if the relay is full."""
+        peer = session.peer
+        session.peer_ip = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+        structlog.contextvars.bind_contextvars(
+            session_id=session.session_id, peer_ip=session.peer_ip
+        )
+        if self.active_sessions >= self._settings.max_sessions:
+            self._metrics.smtp_sessions_total.labels("refused_busy").inc()
+            log.warning("session_refused", reason="too_many_sessions")
+            return replies.TOO_MANY_SESSIONS
+        self.active_sessions += 1
+        self.connections.add(server)
+        self._metrics.smtp_sessions_active.inc()
+        log.debug("session_started")
+        return None
+
+    def session_closed(self, server: RelaySMTP, session: RelaySession) -> None:
+        """Count the end of a connection; log a transaction it left unfinished."""
+        self.connections.discard(server)
+        if session.transaction is not None:
+            self._end_transaction(session, "aborted", None, reason="disconnected")
+        self.active_sessions -= 1
+        self._metrics.smtp_sessions_active.dec()
+        self._metrics.smtp_sessions_total.labels(session.ended_with).inc()
+        log.debug("session_ended", result=session.ended_with)
+        structlog.contextvars.clear_contextvars()
+
+    def data_refused_by_protocol(self, session: RelaySession, line: str) -> None:
+        """aiosmtpd refused the data itself (size, line length): end the transaction."""
+        code = int(line[:3]) if line[:3].isdigit() else 500
+        status = line[4:].split(" ", 1)[0] if len(line) > 4 else "5.0.0"
+        reply = SmtpReply(code, status, line[4 + len(status) + 1 :])
+        reason = "too_large" if code == 552 else "line_too_long" if code == 500 else "protocol"
+        self._refuse_message(session.account or "-", reason, reply)
+        self._end_transaction(session, "refused", reply, reason=reason)
+
+    async def wait_idle(self) -> None:
+        """Return once no transaction is between MAIL and its final reply."""
+        await self._idle.wait()
+
+    # -- hooks ----------------------------------------------------------------
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Remember the client's name; keep aiosmtpd's extension list."""
+        session.helo = hostname
+        session.host_name = hostname  # aiosmtpd leaves this to the hook when one exists
+        self._reset(session)
+        return responses
+
+    async def handle_HELO(  # noqa: N802
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, hostname: str
+    ) -> str:
+        """Plain SMTP greeting (no AUTH, so no relaying)."""
+        session.helo = hostname
+        session.host_name = hostname
+        self._reset(session)
+        return f"250 {self._settings.hostname}"
+
+    async def handle_AUTH(  # noqa: N802
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, args: list[str]
+    ) -> str | None:
+        """AUTH PLAIN and LOGIN against the accounts, off the event loop."""
+        remaining = self._auth.lockout_remaining(session.peer_ip)
+        if remaining > 0:
+            self._metrics.auth_attempts_total.labels("locked_out").inc()
+            log.warning("auth_refused", reason="locked_out", retry_in_seconds=round(remaining))
+            return replies.auth_locked_out(remaining).render(session.session_id)
+        credentials = await self._read_credentials(server, args)
+        if credentials is None:
+            return None  # aiosmtpd already answered (aborted or undecodable)
+        if isinstance(credentials, SmtpReply):
+            return credentials.render(session.session_id)
+        username, password = credentials
+        account = await self._auth.verify(username, password, session.peer_ip)
+        if account is None:
+            self._metrics.auth_attempts_total.labels("failure").inc()
+            log.info("auth_failed", mechanism=args[0].upper())
+            return replies.AUTH_INVALID.render(session.session_id)
+        session.authenticated = True
+        session.auth_data = account
+        session.account = account
+        structlog.contextvars.bind_contextvars(account=account)
+        self._metrics.auth_attempts_total.labels("success").inc()
+        log.info("auth_succeeded", mechanism=args[0].upper())
+        return replies.AUTH_OK.render()
+
+    async def _read_credentials(
+        self, server: RelaySMTP, args: list[str]
+    ) -> tuple[str, bytes] | SmtpReply | None:
+        mechanism = args[0].upper()
+        if mechanism == "PLAIN":
+            if len(args) == 1:
+                blob = await server.challenge_auth("")
+                if blob is MISSING:
+                    return None
+            else:
+                try:
+                    blob = b64decode(args[1], validate=True)
+                except binascii.Error:
+                    return replies.AUTH_MALFORMED
+            # RFC 4616 §2: [authzid] NUL authcid NUL passwd
+            parts = blob.split(b"\x00")
+            if len(parts) != 3:
+                return replies.AUTH_MALFORMED
+            user, password = parts[1], parts[2]
+        elif mechanism == "LOGIN":
+            if len(args) == 1:
+                user = await server.challenge_auth("Username:")
+                if user is MISSING:
+                    return None
+            else:
+                try:
+                    user = b64decode(args[1], validate=True)
+                except binascii.Error:
+                    return replies.AUTH_MALFORMED
+            password = await server.challenge_auth("Password:")
+            if password is MISSING:
+                return None
+        else:
+            return SmtpReply(504, "5.5.4", "Unrecognized authentication type")
+        try:
+            return user.decode("utf-8"), password
+        except UnicodeDecodeError:
+            return replies.AUTH_MALFORMED
+
+    async def handle_MAIL(  # noqa: N802
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        """Start a transaction: only for authenticated accounts, never while draining."""
+        ref = session.session_id
+        account = session.account or "-"
+        if self.draining:
+            server.close_after_reply()
+            self._refuse_message(account, "draining", replies.SHUTTING_DOWN)
+            return replies.SHUTTING_DOWN.render(ref)
+        if session.account is None:
+            self._refuse_message(account, "auth_required", replies.AUTH_REQUIRED)
+            return replies.AUTH_REQUIRED.render(ref)
+        if address == _NULL_SENDER:
+            sender = ""
+        else:
+            try:
+                sender = canonical_address(address)
+            except AddressError as exc:
+                reply = replies.bad_address("sender", exc.reason)
+                self._refuse_message(account, "invalid_sender", reply)
+                return reply.render(ref)
+            if not sender.isascii() and not envelope.smtp_utf8:
+                reply = SmtpReply(553, "5.6.7", "Non-ASCII sender address needs SMTPUTF8")
+                self._refuse_message(account, "smtputf8_required", reply)
+                return reply.render(ref)
+        if not await self._free_space_ok():
+            self._metrics.storage_errors_total.labels("full").inc()
+            self._refuse_message(account, "storage_full", replies.STORAGE_FULL)
+            return replies.STORAGE_FULL.render(ref)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        session.transaction = Transaction(sender, time.monotonic(), envelope.smtp_utf8)
+        self.active_transactions += 1
+        self._idle.clear()
+        return replies.SENDER_OK.render()
+
+    async def handle_RCPT(  # noqa: N802
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        """Take one recipient, canonicalised once; the rest of the relay uses that form."""
+        ref = session.session_id
+        txn = session.transaction
+        account = session.account or "-"
+        if txn is None:  # pragma: no cover - aiosmtpd checks MAIL first
+            return "503 5.5.1 Need MAIL command first"
+        try:
+            rcpt = canonical_address(address)
+        except AddressError as exc:
+            return self._refuse_rcpt(
+                txn, account, "invalid_recipient", replies.bad_address("recipient", exc.reason), ref
+            )
+        if not rcpt.isascii() and not txn.smtputf8:
+            reply = SmtpReply(553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8")
+            return self._refuse_rcpt(txn, account, "smtputf8_required", reply, ref)
+        if session.account is None:
+            return self._refuse_rcpt(txn, account, "relay_denied", replies.RELAY_DENIED, ref)
+        if rcpt in txn.recipients:
+            return replies.RECIPIENT_OK.render()
+        if len(txn.recipients) >= self._settings.max_recipients:
+            return self._refuse_rcpt(
+                txn, account, "too_many_recipients", replies.TOO_MANY_RECIPIENTS, ref
+            )
+        txn.recipients.append(rcpt)
+        envelope.rcpt_tos.append(rcpt)
+        self._metrics.recipients_accepted_total.labels(account).inc()
+        log.debug("recipient_accepted", rcpt_domain=domain_of(rcpt))
+        return replies.RECIPIENT_OK.render()
+
+    async def handle_DATA(  # noqa: N802
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+    ) -> str:
+        """Check the data, queue it durably, and only then answer 250."""
+        started = time.monotonic()
+        ref = session.session_id
+        txn = session.transaction
+        account = session.account
+        if txn is None or account is None:  # pragma: no cover - guarded by MAIL
+            return replies.INTERNAL_ERROR.render(ref)
+        content: bytes = envelope.original_content or b""
+        reply, reason = self._check_data(content)
+        if reply is not None:
+            self._refuse_message(account, reason, reply)
+            self._end_transaction(session, "refused", reply, size=len(content), reason=reason)
+            return reply.render(ref)
+        queue_id = new_queue_id()
+        stamped = self._received_header(session, server, queue_id, txn) + content
+        message = self._queue.new_message(
+            account=account,
+            mail_from=txn.mail_from,
+            recipients=tuple(txn.recipients),
+            content=stamped,
+            smtputf8=txn.smtputf8,
+            queue_id=queue_id,
+        )
+        try:
+            await self._queue.enqueue(message)
+        except StorageFullError:
+            self._metrics.storage_errors_total.labels("full").inc()
+            return self._store_failed(session, account, "storage_full", replies.STORAGE_FULL, content)
+        except StorageUnavailableError:
+            self._metrics.storage_errors_total.labels("unavailable").inc()
+            return self._store_failed(
+                session, account, "storage_unavailable", replies.STORAGE_UNAVAILABLE, content
+            )
+        self._metrics.accept_duration_seconds.observe(time.monotonic() - started)
+        self._metrics.messages_received_total.labels(account).inc()
+        self._metrics.message_size_bytes.observe(len(stamped))
+        reply = replies.queued(queue_id)
+        self._end_transaction(session, "accepted", reply, size=len(stamped), queue_id=queue_id)
+        return reply.render()
+
+    async def handle_RSET(  # noqa: N802
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+    ) -> Any:
+        """Abandon the open transaction, if any."""
+        self._reset(session)
+        return MISSING
+
+    async def handle_QUIT(  # noqa: N802
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+    ) -> Any:
+        """The client said goodbye."""
+        session.ended_with = "completed"
+        self._reset(session)
+        return MISSING
+
+    async def handle_VRFY(  # noqa: N802
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, address: str
+    ) -> str:
+        """Never confirm or deny addresses (RFC 5321 §3.5.3)."""
+        return "252 2.5.0 Cannot VRFY user; send the message and it will be tried"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any fault answers 451 4.3.0 without its text (aiosmtpd would say 500 + text)."""
+        log.error("smtp_fault", exc_info=error)
+        return replies.INTERNAL_ERROR.render(secrets.token_hex(4))
+
+    # -- helpers --------------------------------------------------------------
+
+    def _check_data(self, content: bytes) -> tuple[SmtpReply | None, str]:
+        if b"\x00" in content:
+            return replies.NUL_IN_DATA, "nul_byte"
+        # RFC 5321 §2.3.8: lines end with CRLF only. A bare CR or LF could end the
+        # data early at a less careful server (SMTP smuggling), so refuse it here.
+        crlf = content.count(b"\r\n")
+        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            return replies.BARE_LINE_ENDING, "bare_line_ending"
+        if len(content) > self._settings.max_message_size_bytes:  # pragma: no cover
+            return replies.TOO_LARGE, "too_large"
+        problem = MessageView.parse(content).problem
+        if problem is not None:
+            return replies.malformed_message(problem), "malformed_message"
+        return None, ""
+
+    def _received_header(
+        self, session: RelaySession, server: RelaySMTP, queue_id: str, txn: Transaction
+    ) -> bytes:
+        # RFC 5321 §4.4 trace field; protocol names from RFC 3848 / RFC 6531.
+        proto = "UTF8SMTP" if txn.smtputf8 else "ESMTP"
+        if server.tls_active:
+            proto += "S"
+        if session.account is not None:
+            proto += "A"
+        helo = "".join(ch for ch in session.helo if 33 <= ord(ch) < 127)[:255] or "unknown"
+        date = format_datetime(self._clock.now())
+        return (
+            f"Received: from {helo} ([{session.peer_ip}])\r\n"
+            f"\tby {self._settings.hostname} with {proto} id {queue_id};\r\n"
+            f"\t{date}\r\n"
+        ).encode("utf-8", "surrogateescape")
+
+    def _store_failed(
+        self, session: RelaySession, account: str, reason: str, reply: SmtpReply, content: bytes
+    ) -> str:
+        log.error("message_not_queued", reason=reason)
+        self._refuse_message(account, reason, reply)
+        self._end_transaction(session, "deferred", reply, size=len(content), reason=reason)
+        return reply.render(session.session_id)
+
+    def _refuse_message(self, account: str, reason: str, reply: SmtpReply) -> None:
+        self._metrics.messages_refused_total.labels(account, _CORE, reason).inc()
+        if reason not in {"storage_full", "storage_unavailable"}:
+            log.info(
+                "message_refused", reason=reason, smtp_code=reply.code, smtp_status=reply.status
+            )
+
+    def _refuse_rcpt(
+        self, txn: Transaction, account: str, reason: str, reply: SmtpReply, ref: str
+    ) -> str:
+        txn.refused += 1
+        self._metrics.recipients_refused_total.labels(account, _CORE, reason).inc()
+        log.info(
+            "recipient_refused", reason=reason, smtp_code=reply.code, smtp_status=reply.status
+        )
+        return reply.render(ref)
+
+    def _reset(self, session: RelaySession) -> None:
+        if session.transaction is not None:
+            self._end_transaction(session, "aborted", None, reason="reset")
+
+    def _end_transaction(
+        self,
+        session: RelaySession,
+        outcome: str,
+        reply: SmtpReply | None,
+        *,
+        size: int | None = None,
+        queue_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        txn = session.transaction
+        if txn is None:
+            return
+        session.transaction = None
+        self.active_transactions -= 1
+        if self.active_transactions == 0:
+            self._idle.set()
+        log.info(
+            "transaction_completed",
+            queue_id=queue_id,
+            account=session.account,
+            rcpt_count=len(txn.recipients),
+            rcpt_refused=txn.refused,
+            size_bytes=size,
+            outcome=outcome,
+            reason=reason,
+            smtp_code=reply.code if reply else None,
+            smtp_status=reply.status if reply else None,
+            reply=reply.render() if reply else None,
+            duration_seconds=round(time.monotonic() - txn.started, 4),
+        )

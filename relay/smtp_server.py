@@ -1,0 +1,171 @@
+"""The SMTP listener: aiosmtpd's protocol on the main loop, set up for a smarthost.
+
+:class:`RelaySMTP` adjusts aiosmtpd where a production relay must differ: every
+reply carries an enhanced status code, sessions bind their log context and are
+counted, a refused DATA (too large, over-long line) still ends its transaction, and
+a reply can close the connection after it is sent (draining). :class:`SmtpListener`
+owns the listening socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP
+
+from config.models import ServerConfig
+from relay.replies import SmtpReply, with_enhanced_code
+from relay.smtp_handler import RelayHandler, RelaySession
+
+log = structlog.get_logger(__name__)
+
+# A client that sends more than this many commands of one kind in a session is cut
+# off (aiosmtpd's command_call_limit applies per command; "*" is every other one).
+_CALL_LIMITS = {"*": 100, "AUTH": 10, "EHLO": 50, "HELO": 50, "STARTTLS": 2,
+                "NOOP": 1000, "RSET": 1_000_000, "MAIL": 1_000_000,
+                "RCPT": 10_000_000, "DATA": 1_000_000, "QUIT": 1}
+
+
+class RelaySMTP(SMTP):  # type: ignore[misc]
+    """aiosmtpd's SMTP protocol with the relay's adjustments."""
+
+    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.relay_handler = handler
+        self._raw_replies = False
+        self.last_reply = ""
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    @property
+    def tls_active(self) -> bool:
+        """True once STARTTLS has completed on this connection."""
+        return self._tls_protocol is not None
+
+    def close_after_reply(self) -> None:
+        """Close the connection once the reply now being sent has been written."""
+        self.loop.call_soon(self._close_transport)
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def push(self, status: str | bytes) -> None:
+        """Send a reply, adding an enhanced status code where aiosmtpd left none."""
+        if isinstance(status, str) and not self._raw_replies:
+            status = with_enhanced_code(status)
+        if isinstance(status, str):
+            self.last_reply = status
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:  # noqa: N802 - aiosmtpd's name
+        """EHLO lines carry no enhanced codes (RFC 2034 §3)."""
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:  # noqa: N802
+        """HELO's reply carries no enhanced code either."""
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        """Run DATA; if aiosmtpd refused the data itself, end the transaction too."""
+        await super().smtp_DATA(arg)
+        session = self.session
+        if isinstance(session, RelaySession) and session.transaction is not None:
+            code = self.last_reply[:3]
+            if code not in {"354", "503", "501", "530"}:
+                self.relay_handler.data_refused_by_protocol(session, self.last_reply)
+
+    async def _handle_client(self) -> None:
+        session = self.session
+        assert isinstance(session, RelaySession)
+        refusal: SmtpReply | None = self.relay_handler.session_opened(self, session)
+        if refusal is not None:
+            await self.push(refusal.render())
+            self._close_transport()
+            return
+        try:
+            await super()._handle_client()
+        finally:
+            self.relay_handler.session_closed(self, session)
+
+
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class SmtpListener:
+    """The listening socket for mailers; one :class:`RelaySMTP` per connection."""
+
+    def __init__(self, config: ServerConfig, handler: RelayHandler, host: str, port: int) -> None:
+        self._config = config
+        self._handler = handler
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._tls = _tls_context(config)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> RelaySMTP:
+        cfg = self._config
+        return RelaySMTP(
+            self._handler,
+            hostname=cfg.hostname,
+            ident="ESMTP compliance-relay",
+            data_size_limit=cfg.max_message_size_bytes,
+            enable_SMTPUTF8=cfg.smtputf8,
+            decode_data=False,
+            tls_context=self._tls,
+            require_starttls=cfg.require_tls,
+            timeout=cfg.idle_timeout_seconds,
+            auth_required=False,
+            auth_require_tls=not cfg.allow_cleartext_auth,
+            auth_exclude_mechanism=["CRAM-MD5"],
+            command_call_limit=_CALL_LIMITS,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, host=self._host, port=self._port, reuse_address=True
+        )
+        log.info("smtp_listening", host=self._host, port=self.port, tls=self._tls is not None)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open sessions carry on."""
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait for the socket to close (sessions are ended separately)."""
+        if self._server is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._server.wait_closed()
+        except TimeoutError:
+            pass

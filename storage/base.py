@@ -1,0 +1,216 @@
+"""The storage interface: role protocols and the records they exchange. No SQL.
+
+Backends (``sqlite.py`` now, ``postgres.py`` later) implement :class:`Store`. Every
+method may raise :class:`~storage.errors.StorageUnavailableError` or
+:class:`~storage.errors.StorageFullError`; none raises a driver error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class RecipientState(StrEnum):
+    """Where one recipient of a queued message stands."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+
+
+class EventKind(StrEnum):
+    """Kinds of per-recipient events the reputation counters read."""
+
+    SENT = "sent"
+    BOUNCE = "bounce"
+
+
+class BounceType(StrEnum):
+    """A permanent refusal (hard) or a temporary one that outlived the message (soft)."""
+
+    HARD = "hard"
+    SOFT = "soft"
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message accepted by the relay, to be made durable before the 250."""
+
+    queue_id: str
+    account: str | None
+    """The sending account; ``None`` for mail the relay generates itself (DSNs)."""
+    mail_from: str
+    """Canonical envelope sender; ``""`` is the null sender."""
+    recipients: tuple[str, ...]
+    content: bytes
+    received_at: datetime
+    expires_at: datetime
+    smtputf8: bool = False
+
+    @property
+    def generated(self) -> bool:
+        """True for mail the relay wrote itself (it counts against no account)."""
+        return self.account is None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message in the queue with the recipients still pending."""
+
+    queue_id: str
+    account: str | None
+    mail_from: str
+    recipients: tuple[str, ...]
+    received_at: datetime
+    expires_at: datetime
+    next_attempt_at: datetime
+    attempts: int
+    size_bytes: int
+    smtputf8: bool
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What became of one recipient after a delivery attempt."""
+
+    address: str
+    state: RecipientState
+    smtp_code: int | None = None
+    status: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One per-recipient event (a bounce, a send), kept for the reputation counters."""
+
+    kind: EventKind
+    account: str | None
+    recipient: str
+    occurred_at: datetime
+    source: str
+    queue_id: str | None = None
+    smtp_code: int | None = None
+    status: str | None = None
+    detail: str | None = None
+    bounce_type: BounceType | None = None
+    dedup_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """Everything one delivery attempt changes, written in one transaction.
+
+    ``next_attempt_at`` is ``None`` when no recipient is left pending; the message
+    then leaves the queue. ``followups`` are messages the attempt produced (DSNs).
+    """
+
+    queue_id: str
+    results: tuple[RecipientResult, ...]
+    attempted_at: datetime
+    next_attempt_at: datetime | None
+    last_error: str | None = None
+    events: tuple[Event, ...] = ()
+    followups: tuple[NewMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Queue depth and age, for the metrics."""
+
+    messages: int
+    recipients: int
+    oldest_received_at: datetime | None
+
+
+class QueueStore(Protocol):
+    """The durable queue.
+
+    ``enqueue`` returns only once the message and its recipients are durable (the
+    caller answers 250 after it and never before). Concurrent calls share commits.
+    The caller owns leasing: it never hands the same queue id to two workers.
+    """
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Make ``message`` durable; raise StorageFullError or StorageUnavailableError."""
+        ...
+
+    async def due(self, now: datetime, limit: int) -> list[QueuedMessage]:
+        """Messages whose next attempt is due at ``now``, oldest first."""
+        ...
+
+    async def content(self, queue_id: str) -> bytes | None:
+        """The stored message, or ``None`` once it has left the queue."""
+        ...
+
+    async def record_attempt(self, record: AttemptRecord) -> None:
+        """Apply one attempt's results, events and follow-up messages atomically."""
+        ...
+
+    async def list_messages(self, limit: int = 1000) -> list[QueuedMessage]:
+        """Every queued message (up to ``limit``), oldest first."""
+        ...
+
+    async def get_message(self, queue_id: str) -> QueuedMessage | None:
+        """One queued message, or ``None``."""
+        ...
+
+    async def retry_now(self, queue_id: str, now: datetime) -> bool:
+        """Make the message due at once; False if it is not queued."""
+        ...
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove the message without delivering it; False if it is not queued."""
+        ...
+
+    async def stats(self) -> QueueStats:
+        """Current queue depth and oldest message."""
+        ...
+
+
+class EventStore(Protocol):
+    """Per-recipient events, deduplicated on ``dedup_key``."""
+
+    async def events(
+        self, kind: EventKind | None = None, account: str | None = None, limit: int = 1000
+    ) -> list[Event]:
+        """Recorded events, newest first."""
+        ...
+
+
+class Store(QueueStore, EventStore, Protocol):
+    """Everything the relay keeps, behind one object with a lifetime."""
+
+    async def open(self) -> None:
+        """Connect, migrate and get ready; raise StorageUnavailableError on failure."""
+        ...
+
+    async def close(self) -> None:
+        """Flush pending writes and release every resource."""
+        ...
+
+    async def free_space_ok(self) -> bool:
+        """False when the disk is below the configured minimum of free space."""
+        ...
+
+
+__all__: Sequence[str] = [
+    "AttemptRecord",
+    "BounceType",
+    "Event",
+    "EventKind",
+    "EventStore",
+    "NewMessage",
+    "QueueStats",
+    "QueueStore",
+    "QueuedMessage",
+    "RecipientResult",
+    "RecipientState",
+    "Store",
+]

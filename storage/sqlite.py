@@ -1,0 +1,492 @@
+"""The SQLite backend (aiosqlite): WAL, ``synchronous=FULL``, one writer with group commit.
+
+Every write goes through one writer task. It takes all writes waiting at that moment,
+applies them in one transaction and commits once, so transactions that complete
+together share one fsync; each caller's await returns only after that commit.
+Reads use a second connection, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from storage.base import (
+    AttemptRecord,
+    BounceType,
+    Event,
+    EventKind,
+    NewMessage,
+    QueuedMessage,
+    QueueStats,
+    RecipientState,
+)
+from storage.errors import StorageError, StorageFullError, StorageUnavailableError
+
+log = structlog.get_logger(__name__)
+
+_MAX_BATCH = 1024
+_FREE_SPACE_CACHE_SECONDS = 1.0
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (queue_id, account, mail_from, received_at, expires_at,"
+    " next_attempt_at, size_bytes, smtputf8, generated, content)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_RECIPIENT = (
+    "INSERT OR IGNORE INTO recipients (queue_id, address, state) VALUES (?, ?, 'pending')"
+)
+_UPDATE_RECIPIENT = (
+    "UPDATE recipients SET state = ?, smtp_code = ?, status = ?, detail = ?,"
+    " updated_at = ? WHERE queue_id = ? AND address = ?"
+)
+_UPDATE_MESSAGE = (
+    "UPDATE messages SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
+    " WHERE queue_id = ?"
+)
+_DELETE_DONE_MESSAGE = (
+    "DELETE FROM messages WHERE queue_id = ? AND NOT EXISTS"
+    " (SELECT 1 FROM recipients WHERE queue_id = ? AND state = 'pending')"
+)
+_DELETE_ORPHAN_RECIPIENTS = (
+    "DELETE FROM recipients WHERE queue_id = ? AND NOT EXISTS"
+    " (SELECT 1 FROM messages WHERE queue_id = ?)"
+)
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (kind, account, recipient, queue_id, occurred_at,"
+    " source, smtp_code, status, detail, bounce_type, dedup_key)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_MESSAGE_COLUMNS = (
+    "queue_id, account, mail_from, received_at, expires_at, next_attempt_at,"
+    " attempts, size_bytes, smtputf8, last_error"
+)
+
+Statement = tuple[str, tuple[Any, ...]]
+Custom = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class _Write:
+    """One caller's share of a group commit."""
+
+    statements: list[Statement]
+    custom: Custom | None
+    done: asyncio.Future[Any]
+    result: Any = field(default=None)
+
+
+def _ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _translate(exc: sqlite3.Error) -> StorageError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return StorageFullError("database or disk is full")
+    return StorageUnavailableError(f"sqlite: {type(exc).__name__}")
+
+
+def _message_rows(message: NewMessage) -> list[Statement]:
+    rows: list[Statement] = [
+        (
+            _INSERT_MESSAGE,
+            (
+                message.queue_id,
+                message.account,
+                message.mail_from,
+                _ts(message.received_at),
+                _ts(message.expires_at),
+                _ts(message.received_at),
+                len(message.content),
+                int(message.smtputf8),
+                int(message.generated),
+                message.content,
+            ),
+        )
+    ]
+    rows.extend(
+        (_INSERT_RECIPIENT, (message.queue_id, rcpt)) for rcpt in message.recipients
+    )
+    return rows
+
+
+def _event_row(event: Event) -> Statement:
+    return (
+        _INSERT_EVENT,
+        (
+            event.kind.value,
+            event.account,
+            event.recipient,
+            event.queue_id,
+            _ts(event.occurred_at),
+            event.source,
+            event.smtp_code,
+            event.status,
+            event.detail,
+            event.bounce_type.value if event.bounce_type else None,
+            event.dedup_key,
+        ),
+    )
+
+
+class SqliteStore:
+    """The embedded store: one database file, WAL, group-committed writes."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        timeout_seconds: float = 10.0,
+        min_free_space_bytes: int = 0,
+    ) -> None:
+        self._path = Path(path)
+        self._timeout = timeout_seconds
+        self._min_free = min_free_space_bytes
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: asyncio.Queue[_Write] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._free_checked_at = -_FREE_SPACE_CACHE_SECONDS
+        self._free_ok = True
+        self.commits = 0
+        """Number of commits so far (group commit makes it smaller than writes)."""
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    # -- lifetime -------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open both connections, set WAL and FULL sync, apply migrations."""
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._configure(self._writer)
+            await self._migrate(self._writer)
+            self._reader = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._configure(self._reader)
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StorageUnavailableError(f"cannot open {self._path}: {exc}") from exc
+        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the writer, close the connections."""
+        if self._writer_task is not None:
+            # Let writes already queued commit before stopping.
+            while not self._pending.empty():
+                await asyncio.sleep(0.01)
+            self._writer_task.cancel()
+            try:
+                await self._writer_task
+            except asyncio.CancelledError:
+                pass
+            self._writer_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except sqlite3.Error:
+                    log.warning("sqlite_close_failed", path=str(self._path))
+        self._reader = self._writer = None
+
+    @staticmethod
+    async def _configure(conn: aiosqlite.Connection) -> None:
+        # RFC-free but essential: WAL lets readers run beside the one writer, and
+        # synchronous=FULL fsyncs the WAL at every commit, so a committed message
+        # survives a power cut (https://sqlite.org/pragma.html#pragma_synchronous).
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.execute("PRAGMA busy_timeout=5000")
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+        )
+        async with conn.execute("SELECT MAX(version) FROM schema_version") as cur:
+            row = await cur.fetchone()
+        current = row[0] if row and row[0] is not None else 0
+        folder = resources.files("storage.migrations").joinpath("sqlite")
+        scripts = sorted(
+            (entry.name, entry.read_text(encoding="utf-8"))
+            for entry in folder.iterdir()
+            if entry.name.endswith(".sql")
+        )
+        for name, sql in scripts:
+            version = int(name.split("_", 1)[0])
+            if version <= current:
+                continue
+            await conn.executescript(
+                f"BEGIN IMMEDIATE;\n{sql}\n"
+                f"INSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+            )
+            log.info("storage_migrated", version=version, path=str(self._path))
+
+    # -- the writer -----------------------------------------------------------
+
+    async def _submit(
+        self, statements: list[Statement], custom: Custom | None = None
+    ) -> Any:
+        if self._writer_task is None:
+            raise StorageUnavailableError("store is not open")
+        write = _Write(statements, custom, asyncio.get_running_loop().create_future())
+        self._pending.put_nowait(write)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(write.done)
+        except TimeoutError as exc:
+            raise StorageUnavailableError("store write timed out") from exc
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < _MAX_BATCH and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                await self._apply(batch)
+            except StorageError as exc:
+                for write in batch:
+                    if not write.done.done():
+                        write.done.set_exception(exc)
+                continue
+            self.commits += 1
+            for write in batch:
+                if not write.done.done():
+                    write.done.set_result(write.result)
+
+    async def _apply(self, batch: list[_Write]) -> None:
+        assert self._writer is not None
+        db = self._writer
+        grouped: dict[str, list[tuple[Any, ...]]] = {}
+        for write in batch:
+            for sql, params in write.statements:
+                grouped.setdefault(sql, []).append(params)
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in grouped.items():
+                    await db.executemany(sql, rows)
+                for write in batch:
+                    if write.custom is not None:
+                        write.result = await write.custom(db)
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.error("storage_write_failed", error=str(exc), batch=len(batch))
+            raise _translate(exc) from exc
+
+    # -- QueueStore -----------------------------------------------------------
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Make the message durable; returns after the shared commit."""
+        if not await self.free_space_ok():
+            raise StorageFullError("free disk space below the configured minimum")
+        await self._submit(_message_rows(message))
+
+    async def record_attempt(self, record: AttemptRecord) -> None:
+        """Apply one attempt's per-recipient results, events and DSNs together."""
+        attempted = _ts(record.attempted_at)
+        statements: list[Statement] = [
+            (
+                _UPDATE_RECIPIENT,
+                (
+                    result.state.value,
+                    result.smtp_code,
+                    result.status,
+                    result.detail,
+                    attempted,
+                    record.queue_id,
+                    result.address,
+                ),
+            )
+            for result in record.results
+            if result.state is not RecipientState.PENDING
+        ]
+        next_at = _ts(record.next_attempt_at) if record.next_attempt_at else attempted
+        statements.append(
+            (_UPDATE_MESSAGE, (next_at, record.last_error, record.queue_id))
+        )
+        statements.append((_DELETE_DONE_MESSAGE, (record.queue_id, record.queue_id)))
+        statements.append(
+            (_DELETE_ORPHAN_RECIPIENTS, (record.queue_id, record.queue_id))
+        )
+        statements.extend(_event_row(event) for event in record.events)
+        for followup in record.followups:
+            statements.extend(_message_rows(followup))
+        await self._submit(statements)
+
+    async def retry_now(self, queue_id: str, now: datetime) -> bool:
+        """Make a queued message due at once."""
+
+        async def run(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "UPDATE messages SET next_attempt_at = ? WHERE queue_id = ?",
+                (_ts(now), queue_id),
+            )
+            return cur.rowcount > 0
+
+        return bool(await self._submit([], run))
+
+    async def delete(self, queue_id: str) -> bool:
+        """Drop a queued message and its recipients."""
+
+        async def run(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+            await db.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
+            return cur.rowcount > 0
+
+        return bool(await self._submit([], run))
+
+    # -- reads ----------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        if self._reader is None:
+            raise StorageUnavailableError("store is not open")
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._reader.execute(sql, tuple(params)) as cur:
+                    return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        except TimeoutError as exc:
+            raise StorageUnavailableError("store read timed out") from exc
+
+    async def _messages(self, where: str, params: tuple[Any, ...]) -> list[QueuedMessage]:
+        rows = await self._fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where}",  # noqa: S608 (fixed text)
+            params,
+        )
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        pending: dict[str, list[str]] = {qid: [] for qid in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for qid, address in await self._fetch(
+                f"SELECT queue_id, address FROM recipients WHERE state = 'pending'"  # noqa: S608
+                f" AND queue_id IN ({marks})",
+                chunk,
+            ):
+                pending[qid].append(address)
+        return [
+            QueuedMessage(
+                queue_id=row[0],
+                account=row[1],
+                mail_from=row[2],
+                recipients=tuple(pending[row[0]]),
+                received_at=_dt(row[3]),
+                expires_at=_dt(row[4]),
+                next_attempt_at=_dt(row[5]),
+                attempts=row[6],
+                size_bytes=row[7],
+                smtputf8=bool(row[8]),
+                last_error=row[9],
+            )
+            for row in rows
+        ]
+
+    async def due(self, now: datetime, limit: int) -> list[QueuedMessage]:
+        """Messages due for an attempt, the longest-waiting first."""
+        return await self._messages(
+            "WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (_ts(now), limit),
+        )
+
+    async def content(self, queue_id: str) -> bytes | None:
+        """The stored message bytes."""
+        rows = await self._fetch(
+            "SELECT content FROM messages WHERE queue_id = ?", (queue_id,)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    async def list_messages(self, limit: int = 1000) -> list[QueuedMessage]:
+        """Queued messages, oldest first."""
+        return await self._messages("ORDER BY received_at LIMIT ?", (limit,))
+
+    async def get_message(self, queue_id: str) -> QueuedMessage | None:
+        """One queued message."""
+        found = await self._messages("WHERE queue_id = ?", (queue_id,))
+        return found[0] if found else None
+
+    async def stats(self) -> QueueStats:
+        """Depth and oldest age of the queue."""
+        rows = await self._fetch("SELECT COUNT(*), MIN(received_at) FROM messages")
+        rcpts = await self._fetch(
+            "SELECT COUNT(*) FROM recipients WHERE state = 'pending'"
+        )
+        count, oldest = rows[0]
+        return QueueStats(
+            messages=count,
+            recipients=rcpts[0][0],
+            oldest_received_at=_dt(oldest) if oldest is not None else None,
+        )
+
+    async def events(
+        self, kind: EventKind | None = None, account: str | None = None, limit: int = 1000
+    ) -> list[Event]:
+        """Recorded events, newest first."""
+        clauses, params = [], []
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind.value)
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._fetch(
+            "SELECT kind, account, recipient, occurred_at, source, queue_id, smtp_code,"
+            f" status, detail, bounce_type, dedup_key FROM events {where}"  # noqa: S608
+            " ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [
+            Event(
+                kind=EventKind(row[0]),
+                account=row[1],
+                recipient=row[2],
+                occurred_at=_dt(row[3]),
+                source=row[4],
+                queue_id=row[5],
+                smtp_code=row[6],
+                status=row[7],
+                detail=row[8],
+                bounce_type=BounceType(row[9]) if row[9] else None,
+                dedup_key=row[10],
+            )
+            for row in rows
+        ]
+
+    async def free_space_ok(self) -> bool:
+        """False when the database's file system is below the free-space minimum."""
+        if self._min_free <= 0:
+            return True
+        now = time.monotonic()
+        if now - self._free_checked_at >= _FREE_SPACE_CACHE_SECONDS:
+            self._free_checked_at = now
+            try:
+                free = shutil.disk_usage(self._path.parent).free
+            except OSError:
+                free = 0
+            self._free_ok = free >= self._min_free
+        return self._free_ok
