@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import BeforeValidator
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {
     "ms": 0.001,
     "s": 1.0,
@@ -21,7 +21,9 @@ _DURATION_UNITS = {
     "d": 86400.0,
     "w": 604800.0,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*$")
+_SIZE = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*$")
+_MAX_SECONDS = 10 * 365 * 86400.0
+_MAX_BYTES = 1024**5
 _SIZE_UNITS = {
     "B": 1,
     "KiB": 1024,
@@ -39,6 +41,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '90s', '5m', '2h' or '3d'")
     if isinstance(value, int | float):
+        if not -_MAX_SECONDS <= value <= _MAX_SECONDS:  # also refuses NaN
+            raise ValueError("duration out of range")
         seconds = float(value)
     elif isinstance(value, str):
         match = _DURATION.match(value)
@@ -51,6 +55,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("expected a duration such as '90s', '5m', '2h' or '3d'")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > _MAX_SECONDS:
+        raise ValueError("duration out of range (at most 10 years)")
     return seconds
 
 
@@ -59,6 +65,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size such as '512KiB' or '25MiB'")
     if isinstance(value, int):
+        if not -_MAX_BYTES <= value <= _MAX_BYTES:
+            raise ValueError("size out of range")
         size = value
     elif isinstance(value, str):
         match = _SIZE.match(value)
@@ -71,6 +79,8 @@ def parse_size(value: object) -> int:
         raise ValueError("expected a size such as '512KiB' or '25MiB'")
     if size < 0:
         raise ValueError("a size cannot be negative")
+    if size > _MAX_BYTES:
+        raise ValueError("size out of range (at most 1PiB)")
     return size
 
 

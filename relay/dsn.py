@@ -46,7 +46,13 @@ _MAX_RAW_LINE = 998
 
 _STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 §2
 _PARTIAL_ESCAPE = re.compile(r"\\(?:x(?:\{[0-9A-F]*)?)?\Z")
-_HOST_CHARS = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_HOST_CHARS = re.compile(r"[^A-Za-z0-9.\-_]")
+# RFC 5322 §3.4.1 dot-atom (\w admits UTF-8 letters, RFC 6532 §3.2) or
+# domain-literal.
+_DOMAIN = re.compile(
+    r"[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*|\[[\x21-\x5a\x5e-\x7e]*\]"
+)
+_ADDRESS_LITERAL = re.compile(r"\[[A-Za-z0-9.:]+\]")  # RFC 5321 §4.1.3
 # Unicode categories never kept in text taken from the outside: controls
 # (including CR/LF), format characters such as bidi overrides, lone surrogates
 # (which cannot be encoded) and the line/paragraph separators.
@@ -130,11 +136,17 @@ def is_delivery_report(message: bytes) -> bool:
     headers = _header_block(message)
     if b"content-type" not in headers.lower():
         return False
-    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(headers)
-    if parsed.get_content_type() != "multipart/report":
+    parser = BytesHeaderParser(policy=email.policy.default)
+    try:
+        parsed = parser.parsebytes(headers)
+        content_type = parsed.get_content_type()
+        report_type = parsed.get_param("report-type")
+    # The stdlib's header parser is not total: some malformed parameters make
+    # it raise IndexError or AttributeError (e.g. b"multipart/report; \x00*"
+    # on CPython 3.11), and this check must answer rather than fail.
+    except Exception:  # noqa: BLE001
         return False
-    report_type = parsed.get_param("report-type", header="content-type")
-    if not isinstance(report_type, str):  # absent, or an RFC 2231 triple
+    if content_type != "multipart/report" or not isinstance(report_type, str):
         return False
     return report_type.strip().lower() in {"delivery-status", "global-delivery-status"}
 
@@ -347,21 +359,32 @@ def _address(display_name: str, address: str) -> Address:
 
     Building from the parts rather than parsing an addr-spec makes the stdlib
     quote odd local parts (``"a b"@example.com``) instead of refusing them.
+    The domain must be a dot-atom (UTF-8 allowed, RFC 6532 §3.2) or a domain
+    literal (RFC 5322 §3.4.1).
     """
     local, at, domain = address.rpartition("@")
-    if not at:
+    if not (at and local and _DOMAIN.fullmatch(domain)):
+        # The stdlib does not check domains (and crashes on some, e.g. "a@[");
+        # an address it cannot split is quoted whole as a local part.
         local, domain = address, ""
     return Address(display_name=display_name, username=local, domain=domain)
 
 
 def _hostname(name: str) -> str:
-    """Return ``name`` as an ASCII host name (IDNA for non-ASCII), or ``""``."""
-    name = name.strip().rstrip(".")
+    """Return ``name`` as an ASCII host name or address literal, or ``""``.
+
+    Non-ASCII names are IDNA-encoded; characters that cannot appear in a host
+    name are dropped (the stdlib header parser crashes on some, e.g. a lone
+    "[" in a Message-ID domain).
+    """
+    name = name.strip()
+    if _ADDRESS_LITERAL.fullmatch(name):
+        return name
     if not name.isascii():
         # On failure the unusable characters are dropped below.
         with contextlib.suppress(UnicodeError):
             name = name.encode("idna").decode("ascii")
-    return _HOST_CHARS.sub("", name)[:255]
+    return _HOST_CHARS.sub("", name).strip(".")[:255]
 
 
 def _status(status: str) -> str:

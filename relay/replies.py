@@ -139,6 +139,8 @@ def with_enhanced_code(line: str) -> str:
     """
     if len(line) < 3 or not line[:3].isdigit() or line[0] not in "245":
         return line
+    if line.startswith("220 ") and not line.startswith("220 Ready to start TLS"):
+        return line  # RFC 5321 §4.3.1: the greeting is "220 <domain> ..."
     if _HAS_ENHANCED.match(line):
         return line
     for prefix, replacement in _BUILTIN:

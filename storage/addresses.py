@@ -17,7 +17,11 @@ MAX_DOMAIN = 255
 MAX_ADDRESS = 254
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+# RFC 5322 §3.2.3 dot-atom; RFC 6531 §3.3 adds every non-ASCII character to atext.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}+(?:\.{_ATEXT}+)*$")
+# RFC 5321 §4.1.2 Quoted-string: printable characters, with \ and " escaped.
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -37,7 +41,7 @@ def canonical_domain(domain: str) -> str:
         raise AddressError("address literals are not accepted")
     if _CONTROL.search(domain):
         raise AddressError("control character in domain")
-    name = domain.rstrip(".") if domain.endswith(".") and len(domain) > 1 else domain
+    name = domain[:-1] if domain.endswith(".") and len(domain) > 1 else domain
     try:
         ascii_name = name.encode("idna").decode("ascii").lower()
     except UnicodeError as exc:
@@ -72,10 +76,11 @@ def canonical_address(address: str) -> str:
         raise AddressError("address needs a local part and a domain")
     if len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise AddressError("local part longer than 64 octets")
-    if not local.startswith('"') and not _DOT_ATOM.match(local) and local.isascii():
+    if local.startswith('"'):
+        if not _QUOTED.match(local):
+            raise AddressError("invalid quoted local part")
+    elif not _DOT_ATOM.match(local):
         raise AddressError("invalid local part")
-    if local.startswith('"') and (not local.endswith('"') or len(local) < 2):
-        raise AddressError("invalid quoted local part")
     canonical = f"{local}@{canonical_domain(domain)}"
     if len(canonical.encode("utf-8")) > MAX_ADDRESS:
         raise AddressError("address longer than 254 octets")

@@ -263,14 +263,33 @@ class SqliteStore:
             try:
                 await self._apply(batch)
             except StorageError as exc:
+                if len(batch) == 1 or isinstance(exc, StorageFullError):
+                    self._fail(batch, exc)
+                    continue
+                # One bad write must not fail its neighbours: apply each alone.
                 for write in batch:
-                    if not write.done.done():
-                        write.done.set_exception(exc)
+                    try:
+                        await self._apply([write])
+                    except StorageError as single:
+                        self._fail([write], single)
+                    else:
+                        self.commits += 1
+                        self._succeed([write])
                 continue
             self.commits += 1
-            for write in batch:
-                if not write.done.done():
-                    write.done.set_result(write.result)
+            self._succeed(batch)
+
+    @staticmethod
+    def _fail(batch: list[_Write], exc: StorageError) -> None:
+        for write in batch:
+            if not write.done.done():
+                write.done.set_exception(exc)
+
+    @staticmethod
+    def _succeed(batch: list[_Write]) -> None:
+        for write in batch:
+            if not write.done.done():
+                write.done.set_result(write.result)
 
     async def _apply(self, batch: list[_Write]) -> None:
         assert self._writer is not None
@@ -289,7 +308,9 @@ class SqliteStore:
                         write.result = await write.custom(db)
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                # SQLite may already have rolled back by itself (e.g. SQLITE_FULL).
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             log.error("storage_write_failed", error=str(exc), batch=len(batch))

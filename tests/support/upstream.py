@@ -34,6 +34,7 @@ class CaptureUpstream:
     rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
     """Recipient -> reply line, or a list of lines used one per attempt (last repeats)."""
     data_reply: str | None = None
+    """Reply to DATA for every message except null-sender ones (DSNs get through)."""
     connections: int = 0
     commands: list[str] = field(default_factory=list)
     _server: asyncio.AbstractServer | None = None
@@ -120,11 +121,12 @@ class _Handler:
     async def handle_DATA(  # noqa: N802
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
-        if self._owner.data_reply is not None and not self._owner.data_reply.startswith("2"):
-            return self._owner.data_reply
+        reply = self._owner.data_reply
+        if reply is not None and not reply.startswith("2") and envelope.mail_from != "<>":
+            return reply
         await self._owner.record(
             Received(
-                mail_from=envelope.mail_from,
+                mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
                 content=envelope.original_content,
                 mail_options=list(envelope.mail_options),

@@ -1,0 +1,770 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: the relay vs. a pass-through reference vs. Postfix.
+
+``python bench/run.py [--messages N] [--concurrency K] [--size BYTES]
+[--skip-postfix] [--json out.json]``
+
+The same load (N messages of SIZE bytes over K concurrent, long-lived SMTP sessions)
+goes to each target on loopback; each target forwards to its own counting sink
+(Postfix's smtp-sink). See bench/README.md for what each figure means. This is a
+benchmark, not a test: pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from loadgen import LoadResult, LoadRun, LoadSpec
+from postfix import PostfixTarget, ensure_installed
+from procstats import (
+    RssSampler,
+    peak_rss_kib,
+    pss_kib,
+    tree_cpu_seconds,
+    tree_pids,
+    wait_pid_gone,
+)
+from sink import Sink, free_port, wait_smtp_banner
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RELAY_USER = "bench"
+RELAY_PASSWORD = "benchpass"  # noqa: S105 - a throwaway account in a temp config
+
+GOAL_VS_PASSTHROUGH = 0.80
+GOAL_VS_POSTFIX = 1.2
+
+
+class Target(Protocol):
+    name: str
+    credentials: tuple[str, str] | None
+    host: str
+    port: int
+    pid: int
+
+    def start(self, sink_host: str, sink_port: int) -> None: ...
+    def stop(self) -> None: ...
+    def log_tail(self, lines: int = 15) -> str: ...
+
+
+# -- targets ------------------------------------------------------------------
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class PassthroughTarget:
+    """bench/passthrough.py as a subprocess."""
+
+    name = "pass-through"
+    credentials: tuple[str, str] | None = (RELAY_USER, RELAY_PASSWORD)
+
+    def __init__(self, workdir: Path, pool_size: int) -> None:
+        self.pool_size = pool_size
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.pid = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "passthrough.log"
+
+    def start(self, sink_host: str, sink_port: int) -> None:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(BENCH_DIR / "passthrough.py"),
+                    "--listen",
+                    f"{self.host}:0",
+                    "--upstream",
+                    f"{sink_host}:{sink_port}",
+                    "--pool",
+                    str(self.pool_size),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().split()  # LISTENING <port>
+        if len(line) != 2 or line[0] != "LISTENING":
+            raise RuntimeError(f"pass-through did not start: {self.log_tail()}")
+        self.port = int(line[1])
+        if not wait_smtp_banner(self.host, self.port, 30):
+            raise RuntimeError("pass-through does not answer")
+
+    def stop(self) -> None:
+        _stop_process(self.proc, 10)
+
+    def log_tail(self, lines: int = 15) -> str:
+        return _tail(self.log, lines)
+
+
+class SinkDirectTarget:
+    """Calibration: the load generator straight into the sink, no server between.
+
+    Shows the ceiling of generator + sink on this machine; every real target
+    should stay well below it, or the benchmark measures the harness.
+    """
+
+    name = "sink-direct"
+    credentials: tuple[str, str] | None = None
+    host = "127.0.0.1"
+    port = 0
+    pid = 0
+
+    def start(self, sink_host: str, sink_port: int) -> None:
+        self.host, self.port = sink_host, sink_port
+
+    def stop(self) -> None:
+        pass
+
+    def log_tail(self, lines: int = 15) -> str:
+        return ""
+
+
+def relay_command() -> list[str]:
+    """``relay`` (console script) if installed, else ``python -m relay``."""
+    found = shutil.which("relay")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "relay"]
+
+
+def relay_env() -> dict[str, str]:
+    # So that ``python -m relay`` finds the package even when not pip-installed.
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{REPO_DIR}{os.pathsep}{path}" if path else str(REPO_DIR),
+    }
+
+
+def relay_usable() -> str | None:
+    """None if ``relay --help`` works and lists ``serve``; else why not."""
+    try:
+        done = subprocess.run(
+            [*relay_command(), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=relay_env(),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run {relay_command()}: {exc}"
+    if done.returncode != 0 or "serve" not in done.stdout:
+        return (
+            f"'{' '.join(relay_command())} --help' failed ({done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[-300:]}"
+        )
+    return None
+
+
+RELAY_TOML = """\
+[server]
+hostname = "relay.bench.test"
+listen = "{host}:{port}"
+allow_cleartext_auth = true
+max_sessions = 1000
+
+[http]
+listen = "{host}:{http_port}"
+public_url = "http://{host}:{http_port}"
+
+[storage]
+url = "sqlite:///{db}"
+
+[upstream]
+url = "smtp://{sink_host}:{sink_port}"
+pool_size = {pool_size}
+
+[queue]
+send_dsn = false
+
+[log]
+level = "warning"
+
+[accounts.{user}]
+password_hash = "{password_hash}"
+"""
+
+
+class RelayTarget:
+    """The product: ``relay serve -c <tmp>/relay.toml``."""
+
+    name = "relay"
+    credentials: tuple[str, str] | None = (RELAY_USER, RELAY_PASSWORD)
+
+    def __init__(
+        self, workdir: Path, pool_size: int, profile: str | None = None
+    ) -> None:
+        self.profile = profile
+        self.dir = workdir / "relay"
+        self.pool_size = pool_size
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.http_port = 0
+        self.pid = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "relay.log"
+
+    def _hash_password(self) -> str:
+        done = subprocess.run(
+            [*relay_command(), "hash-password"],
+            input=RELAY_PASSWORD,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=relay_env(),
+            check=False,
+        )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines or not lines[-1].startswith("$"):
+            raise RuntimeError(
+                f"relay hash-password failed ({done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-300:]}"
+            )
+        return lines[-1].strip()
+
+    def start(self, sink_host: str, sink_port: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port(self.host)
+        self.http_port = free_port(self.host)
+        config = self.dir / "relay.toml"
+        config.write_text(
+            RELAY_TOML.format(
+                host=self.host,
+                port=self.port,
+                http_port=self.http_port,
+                db=self.dir / "bench.db",
+                sink_host=sink_host,
+                sink_port=sink_port,
+                pool_size=self.pool_size,
+                user=RELAY_USER,
+                password_hash=self._hash_password(),
+            )
+        )
+        command = [*relay_command(), "serve", "-c", str(config)]
+        if self.profile:
+            # cProfile writes its file when the relay returns after SIGTERM.
+            command = [sys.executable, "-m", "cProfile", "-o", self.profile]
+            command += ["-m", "relay", "serve", "-c", str(config)]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=relay_env(),
+            )
+        self.pid = self.proc.pid
+        url = f"http://{self.host}:{self.http_port}/readyz"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"relay serve exited with {self.proc.returncode}: {self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"relay not ready after 60s (GET {url})")
+        if not wait_smtp_banner(self.host, self.port, 30):
+            raise RuntimeError("relay SMTP listener does not answer")
+
+    def stop(self) -> None:
+        _stop_process(self.proc, 45)
+
+    def log_tail(self, lines: int = 15) -> str:
+        return _tail(self.log, lines)
+
+    def metrics(self) -> str:
+        url = f"http://{self.host}:{self.http_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode(errors="replace"))
+        except (urllib.error.URLError, OSError):
+            return ""
+
+
+# -- measuring ----------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    target: str
+    status: str = "ok"
+    messages: int = 0
+    accepted: int = 0
+    failed: int = 0
+    delivered: int = 0
+    accepted_per_s: float | None = None
+    delivered_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    txn_p50_ms: float | None = None
+    txn_p99_ms: float | None = None
+    cpu_ms_per_msg: float | None = None
+    peak_rss_mib: float | None = None
+    end_rss_mib: float | None = None
+    accept_seconds: float | None = None
+    deliver_seconds: float | None = None
+    sink_cpu_ms_per_msg: float | None = None
+    generator_cpu_pct: list[float] = field(default_factory=list)
+    auth_used: bool = False
+    errors: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _deadline_for(messages: int) -> float:
+    return 120.0 + messages / 100.0
+
+
+def run_load(
+    target: Target, sink: Sink, args: argparse.Namespace, messages: int, run_id: str
+) -> tuple[LoadResult, float | None, int, float, float]:
+    """Send ``messages`` and wait until the sink has them all.
+
+    Returns (load result, delivery time or None, sink count gained, target CPU s,
+    sink CPU s).
+    """
+    user, password = target.credentials or (None, None)
+    spec = LoadSpec(
+        host=target.host,
+        port=target.port,
+        messages=messages,
+        concurrency=args.concurrency,
+        size=args.size,
+        procs=args.gen_procs,
+        username=user,
+        password=password,
+        run_id=run_id,
+    )
+    load = LoadRun(spec)
+    try:
+        load.start()
+        baseline = sink.count
+        cpu0, sink_cpu0 = tree_cpu_seconds(target.pid), tree_cpu_seconds(sink.pid)
+        t0 = load.fire()
+        deadline = t0 + _deadline_for(messages)
+        result = load.collect(t0, deadline)
+        reached, count = sink.wait_for(baseline + result.accepted, deadline)
+        cpu1, sink_cpu1 = tree_cpu_seconds(target.pid), tree_cpu_seconds(sink.pid)
+    finally:
+        load.close()
+    return result, reached, count - baseline, cpu1 - cpu0, sink_cpu1 - sink_cpu0
+
+
+def measure(target: Target, args: argparse.Namespace) -> Figures:
+    figures = Figures(target=target.name, messages=args.messages)
+    sink = Sink()
+    sampler: RssSampler | None = None
+    try:
+        sink.start()
+        target.start(sink.host, sink.port)
+        if isinstance(target, SinkDirectTarget):
+            target.pid = sink.pid
+        if args.warmup:
+            warm, reached, _, _, _ = run_load(
+                target, sink, args, args.warmup, f"warmup-{target.name}"
+            )
+            if reached is None or warm.accepted < args.warmup:
+                figures.notes.append(
+                    f"warm-up: {warm.accepted}/{args.warmup} accepted, "
+                    f"{'not all' if reached is None else 'all'} delivered, "
+                    f"errors {warm.errors}"
+                )
+        sampler = RssSampler(target.pid).start()
+        result, reached, delivered, cpu, sink_cpu = run_load(
+            target, sink, args, args.messages, f"run-{target.name}"
+        )
+        peak_tree_kib = sampler.stop()
+        sampler = None
+        figures.end_rss_mib = sum(pss_kib(p) for p in tree_pids(target.pid)) / 1024
+        _fill(figures, result, reached, delivered, cpu, sink_cpu)
+        figures.peak_rss_mib = max(peak_rss_kib(target.pid), peak_tree_kib) / 1024
+        if figures.status != "ok":
+            tail = target.log_tail()
+            if tail:
+                figures.notes.append("log tail:\n" + tail)
+    except Exception as exc:  # noqa: BLE001 - one target failing must not stop the rest
+        figures.status = f"failed: {exc}"
+        tail = target.log_tail()
+        if tail:
+            figures.notes.append("log tail:\n" + tail)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        try:
+            target.stop()
+        finally:
+            sink.stop()
+    return figures
+
+
+def _fill(  # noqa: PLR0917
+    figures: Figures,
+    result: LoadResult,
+    reached: float | None,
+    delivered: int,
+    cpu: float,
+    sink_cpu: float,
+) -> None:
+    n = figures.messages
+    figures.accepted = result.accepted
+    figures.failed = result.failed
+    figures.delivered = delivered
+    figures.errors = result.errors
+    figures.auth_used = result.auth_used
+    figures.generator_cpu_pct = [
+        round(100 * c / w, 1)
+        for c, w in zip(result.worker_cpu, result.worker_wall, strict=True)
+        if w > 0
+    ]
+    if result.accepted:
+        figures.accept_seconds = result.accept_seconds
+        figures.accepted_per_s = result.accepted / result.accept_seconds
+        p50, p99 = result.percentile(0.50), result.percentile(0.99)
+        figures.p50_ms = None if p50 is None else p50 * 1000
+        figures.p99_ms = None if p99 is None else p99 * 1000
+        t50 = result.percentile(0.50, result.transactions)
+        t99 = result.percentile(0.99, result.transactions)
+        figures.txn_p50_ms = None if t50 is None else t50 * 1000
+        figures.txn_p99_ms = None if t99 is None else t99 * 1000
+        figures.cpu_ms_per_msg = cpu * 1000 / result.accepted
+        figures.sink_cpu_ms_per_msg = sink_cpu * 1000 / result.accepted
+    if reached is not None and result.accepted:
+        figures.deliver_seconds = max(reached - result.t_start, 1e-9)
+        figures.delivered_per_s = result.accepted / figures.deliver_seconds
+    problems = []
+    if not result.complete:
+        problems.append("generator did not finish in time")
+    if result.accepted < n:
+        problems.append(f"{result.accepted}/{n} accepted")
+    if reached is None:
+        problems.append(
+            f"sink counted {delivered}/{result.accepted} within {_deadline_for(n):.0f}s"
+        )
+    if problems:
+        figures.status = "failed: " + "; ".join(problems)
+
+
+# -- report -------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(results: list[Figures]) -> None:
+    header = (
+        f"{'target':<13}{'accepted/s':>11}{'delivered/s':>12}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'CPU ms/msg':>11}{'peak RSS MiB':>13}{'failed':>8}  status"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.target:<13}{_fmt(r.accepted_per_s):>11}{_fmt(r.delivered_per_s):>12}"
+            f"{_fmt(r.p50_ms, 1):>9}{_fmt(r.p99_ms, 1):>9}"
+            f"{_fmt(r.cpu_ms_per_msg, 2):>11}{_fmt(r.peak_rss_mib, 1):>13}"
+            f"{r.failed:>8}  {r.status}"
+        )
+
+
+def ratios(results: list[Figures]) -> dict[str, dict[str, Any]]:
+    by_name = {r.target: r for r in results}
+    relay = by_name.get("relay")
+    out: dict[str, dict[str, Any]] = {}
+    for other, goal in (
+        ("pass-through", GOAL_VS_PASSTHROUGH),
+        ("postfix", GOAL_VS_POSTFIX),
+    ):
+        ref = by_name.get(other)
+        value = None
+        if (
+            relay is not None
+            and ref is not None
+            and relay.delivered_per_s
+            and ref.delivered_per_s
+            and relay.status == "ok"
+            and ref.status == "ok"
+        ):
+            value = relay.delivered_per_s / ref.delivered_per_s
+        out[f"relay/{other}"] = {
+            "ratio": value,
+            "goal": goal,
+            "met": None if value is None else value >= goal,
+        }
+    return out
+
+
+def print_ratios(table: dict[str, dict[str, Any]]) -> None:
+    print("\ndelivered/s ratios:")
+    for name, item in table.items():
+        if item["ratio"] is None:
+            verdict = "not measured"
+            value = "n/a"
+        else:
+            value = f"{item['ratio']:.2f}"
+            verdict = "MET" if item["met"] else "NOT met"
+        print(f"  {name:<22} {value:>6}   goal >= {item['goal']:.2f}: {verdict}")
+
+
+def print_notes(results: list[Figures]) -> None:
+    for r in results:
+        lines = []
+        if r.generator_cpu_pct:
+            lines.append(
+                "load generator CPU per worker process: "
+                + ", ".join(f"{p:.0f}%" for p in r.generator_cpu_pct)
+            )
+        if r.sink_cpu_ms_per_msg is not None:
+            lines.append(f"sink CPU: {r.sink_cpu_ms_per_msg:.3f} ms/msg")
+        if r.txn_p50_ms is not None:
+            lines.append(
+                f"whole transaction (MAIL..250): p50 {r.txn_p50_ms:.1f} ms, "
+                f"p99 {_fmt(r.txn_p99_ms, 1)} ms"
+            )
+        if r.end_rss_mib is not None:
+            lines.append(f"memory after the run (PSS): {r.end_rss_mib:.1f} MiB")
+        if r.accept_seconds is not None:
+            lines.append(
+                f"last 250 after {r.accept_seconds:.2f}s; all delivered "
+                + (
+                    "never (timed out)"
+                    if r.deliver_seconds is None
+                    else f"after {r.deliver_seconds:.2f}s"
+                )
+                + f"; AUTH used: {r.auth_used}"
+            )
+        if r.errors:
+            lines.append(f"errors: {r.errors}")
+        lines.extend(r.notes)
+        if lines:
+            print(f"\n[{r.target}]")
+            for line in lines:
+                print("  " + line.replace("\n", "\n    "))
+
+
+def print_profile(path: str, top: int = 25) -> None:
+    try:
+        stats = pstats.Stats(path, stream=sys.stdout)
+    except (OSError, TypeError, EOFError) as exc:
+        print(f"\nno relay profile in {path}: {exc}")
+        return
+    print(f"\nrelay profile ({path}), top {top} by own time:")
+    stats.sort_stats("tottime").print_stats(top)
+
+
+# -- main ---------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the relay against a pass-through reference and Postfix.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--messages", type=int, default=5000, help="messages per target"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="concurrent SMTP sessions"
+    )
+    parser.add_argument("--size", type=int, default=4096, help="message size in bytes")
+    parser.add_argument(
+        "--skip-postfix", action="store_true", help="do not run Postfix"
+    )
+    parser.add_argument(
+        "--skip-relay", action="store_true", help="do not run the relay"
+    )
+    parser.add_argument(
+        "--skip-passthrough", action="store_true", help="do not run the pass-through"
+    )
+    parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="warm-up messages per target (0: none)"
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=16,
+        help="upstream connections (relay, pass-through)",
+    )
+    parser.add_argument(
+        "--gen-procs", type=int, default=2, help="load generator worker processes"
+    )
+    parser.add_argument(
+        "--skip-sink-check",
+        action="store_true",
+        help="do not calibrate (generator straight into the sink)",
+    )
+    parser.add_argument(
+        "--postfix-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra main.cf line for Postfix (repeatable), e.g. in_flow_delay=0",
+    )
+    parser.add_argument(
+        "--profile-relay",
+        metavar="OUT.prof",
+        help="run the relay under cProfile, write its stats here and print the top "
+        "functions (slows the relay: its figures are then not comparable)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory"
+    )
+    args = parser.parse_args(argv)
+    if args.profile_relay:
+        args.profile_relay = str(Path(args.profile_relay).resolve())
+    if (
+        args.messages < 1
+        or args.concurrency < 1
+        or args.size < 512
+        or args.gen_procs < 1
+    ):
+        parser.error("--messages, --concurrency, --gen-procs >= 1 and --size >= 512")
+    return args
+
+
+def select_targets(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[list[Target], list[Figures]]:
+    """The targets to measure, and rows for those that cannot run (with why)."""
+    targets: list[Target] = []
+    skipped: list[Figures] = []
+    if not args.skip_sink_check:
+        targets.append(SinkDirectTarget())
+    if not args.skip_passthrough:
+        targets.append(PassthroughTarget(workdir, args.pool_size))
+    if not args.skip_relay:
+        problem = relay_usable()
+        if problem is None:
+            targets.append(RelayTarget(workdir, args.pool_size, args.profile_relay))
+        else:
+            skipped.append(Figures(target="relay", status=f"not run: {problem}"))
+    if not args.skip_postfix:
+        problem = (
+            ensure_installed(lambda line: print(line, flush=True))
+            if os.geteuid() == 0
+            else "Postfix needs root to start a private instance"
+        )
+        if problem is None:
+            targets.append(PostfixTarget(workdir, args.postfix_set))
+        else:
+            skipped.append(Figures(target="postfix", status=f"not run: {problem}"))
+    return targets, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    workdir.chmod(0o755)  # Postfix daemons run as 'postfix' and must get in
+    print(
+        f"{args.messages} messages of {args.size} bytes over {args.concurrency} "
+        f"sessions ({args.gen_procs} generator processes), warm-up {args.warmup}; "
+        f"{os.cpu_count()} CPUs; work dir {workdir}",
+        flush=True,
+    )
+    targets, skipped = select_targets(args, workdir)
+    results: list[Figures] = []
+    try:
+        for target in targets:
+            print(f"-- {target.name} ...", flush=True)
+            started = time.monotonic()
+            figures = measure(target, args)
+            results.append(figures)
+            print(
+                f"   {figures.status}: delivered/s {_fmt(figures.delivered_per_s)} "
+                f"({time.monotonic() - started:.0f}s)",
+                flush=True,
+            )
+    finally:
+        for target in targets:  # measure() stops them; this is the safety net
+            try:
+                target.stop()
+            except Exception as exc:  # noqa: BLE001
+                print(f"stopping {target.name}: {exc}", file=sys.stderr)
+            if target.pid:
+                wait_pid_gone(target.pid, 1)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results.extend(skipped)
+    print()
+    print_table(results)
+    table = ratios(results)
+    print_ratios(table)
+    print_notes(results)
+    if args.profile_relay:
+        print_profile(args.profile_relay)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "params": {
+                        k: getattr(args, k)
+                        for k in (
+                            "messages",
+                            "concurrency",
+                            "size",
+                            "warmup",
+                            "pool_size",
+                            "gen_procs",
+                        )
+                    },
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                        "platform": platform.platform(),
+                    },
+                    "results": [asdict(r) for r in results],
+                    "ratios": table,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"\nwrote {args.json}")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Pins the public names of the top-level packages."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+EXPORTS = {
+    "config": [
+        "AccountConfig",
+        "ConfigError",
+        "HttpConfig",
+        "LogConfig",
+        "Problem",
+        "QueueConfig",
+        "RelayConfig",
+        "ServerConfig",
+        "StorageConfig",
+        "UpstreamConfig",
+        "UpstreamScheme",
+        "load_config",
+        "parse_config",
+        "parse_duration",
+        "parse_size",
+        "split_listen",
+    ],
+    "storage": [
+        "AddressError",
+        "AttemptRecord",
+        "BounceType",
+        "Event",
+        "EventKind",
+        "EventStore",
+        "NewMessage",
+        "QueueStats",
+        "QueueStore",
+        "QueuedMessage",
+        "RecipientResult",
+        "RecipientState",
+        "SqliteStore",
+        "StorageError",
+        "StorageFullError",
+        "StorageUnavailableError",
+        "Store",
+        "canonical_address",
+        "canonical_domain",
+        "domain_of",
+    ],
+    "relay": ["__version__"],
+}
+
+
+@pytest.mark.parametrize("package", sorted(EXPORTS))
+def test_all_is_pinned_and_sorted(package: str) -> None:
+    module = importlib.import_module(package)
+    assert list(module.__all__) == EXPORTS[package]
+    assert list(module.__all__) == sorted(module.__all__)
+    assert len(set(module.__all__)) == len(module.__all__)
+
+
+@pytest.mark.parametrize("package", sorted(EXPORTS))
+def test_every_exported_name_exists(package: str) -> None:
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert missing == []
+
+
+def test_star_import_gives_exactly_all() -> None:
+    for package, names in EXPORTS.items():
+        namespace: dict[str, object] = {}
+        exec(f"from {package} import *", namespace)  # noqa: S102
+        assert set(namespace) - {"__builtins__"} == set(names)
