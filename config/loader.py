@@ -48,13 +48,17 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> RelayConfig:
-    """Read and validate the file at ``path``; raise :class:`ConfigError` if unusable."""
+def load_config(
+    path: str | Path, environ: Mapping[str, str] | None = None
+) -> RelayConfig:
+    """Read and validate ``path``; raise :class:`ConfigError` if it is unusable."""
     source = str(path)
     try:
         raw_bytes = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(source, [Problem("", f"cannot read file: {exc.strerror}")]) from exc
+        raise ConfigError(
+            source, [Problem("", f"cannot read file: {exc.strerror}")]
+        ) from exc
     try:
         raw = tomllib.loads(raw_bytes.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -72,7 +76,9 @@ def parse_config(
 ) -> RelayConfig:
     """Validate an already-parsed TOML document."""
     problems: list[Problem] = []
-    resolved = _resolve_env(raw, (), os.environ if environ is None else environ, problems)
+    resolved = _resolve_env(
+        raw, (), os.environ if environ is None else environ, problems
+    )
     try:
         config = RelayConfig.model_validate(resolved)
     except ValidationError as exc:

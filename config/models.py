@@ -57,7 +57,7 @@ def split_listen(value: str) -> tuple[str, int]:
 
 def _listen(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError("expected 'host:port'")  # noqa: TRY004 (pydantic wants ValueError)
+        raise ValueError("expected 'host:port'")
     _split_listen(value)
     return value
 
@@ -67,7 +67,9 @@ class ServerConfig(_Section):
 
     hostname: str = "localhost"
     listen: str = "127.0.0.1:2525"
-    max_message_size_bytes: Bytes = Field(default=25 * 1024**2, alias="max_message_size")
+    max_message_size_bytes: Bytes = Field(
+        default=25 * 1024**2, alias="max_message_size"
+    )
     max_recipients: int = Field(default=100, ge=1, le=10_000)
     max_sessions: int = Field(default=500, ge=1)
     idle_timeout_seconds: Seconds = Field(default=300.0, alias="idle_timeout")

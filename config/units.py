@@ -21,7 +21,9 @@ _DURATION_UNITS = {
     "d": 86400.0,
     "w": 604800.0,
 }
-_SIZE = re.compile(r"^\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*$")
+_SIZE = re.compile(
+    r"^\s*([0-9]{1,15}(?:\.[0-9]{1,9})?)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*$"
+)
 _MAX_SECONDS = 10 * 365 * 86400.0
 _MAX_BYTES = 1024**5
 _SIZE_UNITS = {

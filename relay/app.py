@@ -44,7 +44,11 @@ class Relay:
         )
         workers = config.upstream.pool_size
         self.queue = Queue(
-            self.store, config.queue, self.clock, self.metrics, capacity=max(8, workers * 4)
+            self.store,
+            config.queue,
+            self.clock,
+            self.metrics,
+            capacity=max(8, workers * 4),
         )
         self.delivery = Delivery(
             self.queue,
@@ -108,10 +112,12 @@ class Relay:
             group.create_task(self.queue.run_poller(), name="queue-poller")
             group.create_task(self.queue.run_recorder(), name="queue-recorder")
             for number in range(self.config.upstream.pool_size):
-                group.create_task(self.delivery.run_worker(number), name=f"worker-{number}")
+                group.create_task(
+                    self.delivery.run_worker(number), name=f"worker-{number}"
+                )
 
     async def shutdown(self) -> None:
-        """Drain: finish what is in flight within the grace period, keep the rest queued."""
+        """Drain: finish what is in flight within the grace period; keep the rest."""
         grace = self.config.server.shutdown_grace_seconds
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -124,7 +130,10 @@ class Relay:
                 await self.handler.wait_idle()
         for connection in list(self.handler.connections):
             transport = connection.transport
-            if transport is not None and not transport.is_closing():
+            if (
+                isinstance(transport, asyncio.WriteTransport)
+                and not transport.is_closing()
+            ):
                 transport.write(f"{replies.SHUTTING_DOWN.render()}\r\n".encode())
                 transport.close()
         self.queue.stop_accepting_work()
@@ -132,8 +141,7 @@ class Relay:
         if self._tasks is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(max(deadline, loop.time() + 0.1)):
-                    while self.delivery.busy:
-                        await asyncio.sleep(0.02)
+                    await self.delivery.wait_idle()
             self._tasks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tasks
@@ -147,7 +155,9 @@ class Relay:
         """Update the queue gauges from the store (called at scrape time)."""
         stats = await self.store.stats()
         in_flight = self.queue.in_flight
-        self.metrics.queue_messages.labels("queued").set(max(0, stats.messages - in_flight))
+        self.metrics.queue_messages.labels("queued").set(
+            max(0, stats.messages - in_flight)
+        )
         self.metrics.queue_messages.labels("in_flight").set(in_flight)
         self.metrics.queue_recipients.set(stats.recipients)
         oldest = stats.oldest_received_at
@@ -157,7 +167,7 @@ class Relay:
 
 @contextlib.contextmanager
 def stop_signals(stop: asyncio.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGTERM or SIGINT while inside; restore the old handlers after."""
+    """Set ``stop`` on SIGTERM or SIGINT while inside; restore handlers after."""
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -83,8 +83,10 @@ class Authenticator:
         stored = account.password_hash.get_secret_value() if account else None
         if account is not None and stored is not None and account.enabled:
             cached = self._cache.get(username)
-            if cached is not None and cached[0] == stored and hmac.compare_digest(
-                cached[1], self._digest(password)
+            if (
+                cached is not None
+                and cached[0] == stored
+                and hmac.compare_digest(cached[1], self._digest(password))
             ):
                 self._failures.pop(client, None)
                 return username

@@ -14,6 +14,8 @@ import click
 
 from config import ConfigError, RelayConfig, load_config
 from relay import __version__
+from storage.base import QueuedMessage
+from storage.sqlite import SqliteStore
 
 T = TypeVar("T")
 
@@ -46,8 +48,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", default=_DEFAULT_CONFIG, show_default=True,
-              help=_CONFIG_HELP)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=_DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
 def serve(config_path: str) -> None:
     """Run the SMTP listener, the HTTP listener and the delivery workers.
 
@@ -64,8 +72,14 @@ def serve(config_path: str) -> None:
 
 
 @main.command("check-config")
-@click.option("-c", "--config", "config_path", default=_DEFAULT_CONFIG, show_default=True,
-              help=_CONFIG_HELP)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=_DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
 def check_config(config_path: str) -> None:
     """Validate relay.toml: exit 0 if usable, else print every error and exit 2."""
     config = _load(config_path)
@@ -97,22 +111,28 @@ def queue() -> None:
     """Inspect and steer the delivery queue (works while the relay runs)."""
 
 
-def _store(config: RelayConfig):  # type: ignore[no-untyped-def]
-    from storage.sqlite import SqliteStore
-
-    return SqliteStore(config.storage.sqlite_path, timeout_seconds=config.storage.timeout_seconds)
+def _store(config: RelayConfig) -> SqliteStore:
+    return SqliteStore(
+        config.storage.sqlite_path, timeout_seconds=config.storage.timeout_seconds
+    )
 
 
 @queue.command("list")
-@click.option("-c", "--config", "config_path", default=_DEFAULT_CONFIG, show_default=True,
-              help=_CONFIG_HELP)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=_DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--limit", default=1000, show_default=True, help="At most this many.")
 def queue_list(config_path: str, as_json: bool, limit: int) -> None:
     """List queued messages, oldest first."""
     config = _load(config_path)
 
-    async def run() -> list:  # type: ignore[type-arg]
+    async def run() -> list[QueuedMessage]:
         store = _store(config)
         await store.open()
         try:
@@ -124,22 +144,35 @@ def queue_list(config_path: str, as_json: bool, limit: int) -> None:
     now = datetime.now(UTC)
     if as_json:
         for m in messages:
-            click.echo(json.dumps({
-                "queue_id": m.queue_id, "account": m.account, "mail_from": m.mail_from,
-                "recipients": list(m.recipients), "received_at": m.received_at.isoformat(),
-                "next_attempt_at": m.next_attempt_at.isoformat(), "attempts": m.attempts,
-                "size_bytes": m.size_bytes, "last_error": m.last_error,
-            }))
+            click.echo(
+                json.dumps(
+                    {
+                        "queue_id": m.queue_id,
+                        "account": m.account,
+                        "mail_from": m.mail_from,
+                        "recipients": list(m.recipients),
+                        "received_at": m.received_at.isoformat(),
+                        "next_attempt_at": m.next_attempt_at.isoformat(),
+                        "attempts": m.attempts,
+                        "size_bytes": m.size_bytes,
+                        "last_error": m.last_error,
+                    }
+                )
+            )
         return
     if not messages:
         click.echo("queue is empty")
         return
-    click.echo(f"{'QUEUE ID':<18} {'ACCOUNT':<12} {'AGE':>8} {'TRIES':>5} {'NEXT':>8}  RCPTS")
+    click.echo(
+        f"{'QUEUE ID':<18} {'ACCOUNT':<12} {'AGE':>8} {'TRIES':>5} {'NEXT':>8}  RCPTS"
+    )
     for m in messages:
         age = _age((now - m.received_at).total_seconds())
         nxt = _age(max(0.0, (m.next_attempt_at - now).total_seconds()))
-        click.echo(f"{m.queue_id:<18} {(m.account or '(relay)'):<12} {age:>8} "
-                   f"{m.attempts:>5} {nxt:>8}  {len(m.recipients)}")
+        click.echo(
+            f"{m.queue_id:<18} {(m.account or '(relay)'):<12} {age:>8} "
+            f"{m.attempts:>5} {nxt:>8}  {len(m.recipients)}"
+        )
         if m.last_error:
             click.echo(f"{'':<18} last error: {m.last_error}")
     click.echo(f"{len(messages)} message(s)")
@@ -154,10 +187,16 @@ def _age(seconds: float) -> str:
 
 @queue.command("retry")
 @click.argument("queue_id")
-@click.option("-c", "--config", "config_path", default=_DEFAULT_CONFIG, show_default=True,
-              help=_CONFIG_HELP)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=_DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
 def queue_retry(queue_id: str, config_path: str) -> None:
-    """Make QUEUE_ID due for delivery now (a running relay picks it up within a second)."""
+    """Make QUEUE_ID due now (a running relay picks it up within a second)."""
     config = _load(config_path)
 
     async def run() -> bool:
@@ -176,8 +215,14 @@ def queue_retry(queue_id: str, config_path: str) -> None:
 
 @queue.command("delete")
 @click.argument("queue_id")
-@click.option("-c", "--config", "config_path", default=_DEFAULT_CONFIG, show_default=True,
-              help=_CONFIG_HELP)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=_DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
 def queue_delete(queue_id: str, config_path: str) -> None:
     """Remove QUEUE_ID from the queue without delivering it (no DSN is sent)."""
     config = _load(config_path)

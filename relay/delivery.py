@@ -67,6 +67,8 @@ class Delivery:
         self._metrics = metrics
         self._stopping = asyncio.Event()
         self._busy = 0
+        self._all_idle = asyncio.Event()
+        self._all_idle.set()
         self._idle_timeout = settings.upstream.idle_timeout_seconds
 
     @property
@@ -74,26 +76,37 @@ class Delivery:
         """Workers in the middle of an attempt."""
         return self._busy
 
+    async def wait_idle(self) -> None:
+        """Return once no worker is in the middle of an attempt."""
+        await self._all_idle.wait()
+
     def stop(self) -> None:
         """Let each worker finish its current attempt, then end."""
         self._stopping.set()
 
     async def run_worker(self, number: int) -> None:
         """One worker: lease, attempt, record; until :meth:`stop`."""
-        connection = UpstreamConnection(self._settings.upstream, self._settings.hostname)
+        connection = UpstreamConnection(
+            self._settings.upstream, self._settings.hostname
+        )
         try:
             while not self._stopping.is_set():
                 job = await self._next(connection)
                 if job is None:
                     continue
                 self._busy += 1
+                self._all_idle.clear()
                 try:
                     await self._attempt(job, connection)
-                except Exception:  # noqa: BLE001 - worker boundary: never die on one message
-                    log.exception("delivery_crashed", queue_id=job.queue_id, worker=number)
+                except Exception:
+                    log.exception(
+                        "delivery_crashed", queue_id=job.queue_id, worker=number
+                    )
                     self._queue.release(job.queue_id)
                 finally:
                     self._busy -= 1
+                    if self._busy == 0:
+                        self._all_idle.set()
         finally:
             await asyncio.shield(connection.close())
 
@@ -125,7 +138,9 @@ class Delivery:
             try:
                 content = await self._store.content(job.queue_id)
             except StorageError as exc:
-                log.warning("delivery_load_failed", queue_id=job.queue_id, error=str(exc))
+                log.warning(
+                    "delivery_load_failed", queue_id=job.queue_id, error=str(exc)
+                )
                 self._queue.release(job.queue_id)
                 return
             if content is None:  # deleted meanwhile (relay queue delete)
@@ -208,7 +223,9 @@ class Delivery:
             )
             if state in (RecipientState.BOUNCED, RecipientState.EXPIRED):
                 bounce_type = (
-                    BounceType.HARD if state is RecipientState.BOUNCED else BounceType.SOFT
+                    BounceType.HARD
+                    if state is RecipientState.BOUNCED
+                    else BounceType.SOFT
                 )
                 events.append(
                     Event(
@@ -219,7 +236,9 @@ class Delivery:
                         source="delivery",
                         queue_id=job.queue_id,
                         smtp_code=out.code,
-                        status=out.status if bounce_type is BounceType.HARD else "4.4.7",
+                        status=out.status
+                        if bounce_type is BounceType.HARD
+                        else "4.4.7",
                         detail=out.text,
                         bounce_type=bounce_type,
                         dedup_key=f"delivery:{job.queue_id}:{out.address}",
@@ -231,7 +250,9 @@ class Delivery:
                 failures.append(
                     FailedRecipient(
                         address=out.address,
-                        status=out.status if state is RecipientState.BOUNCED else "4.4.7",
+                        status=out.status
+                        if state is RecipientState.BOUNCED
+                        else "4.4.7",
                         diagnostic=(
                             out.text
                             if state is RecipientState.BOUNCED
@@ -256,7 +277,9 @@ class Delivery:
             results=tuple(results),
             attempted_at=now,
             next_attempt_at=retry_at if pending else None,
-            last_error=None if not pending else next(
+            last_error=None
+            if not pending
+            else next(
                 (o.text for o in outcomes if o.outcome is Outcome.TEMPORARY), None
             ),
             events=tuple(events),
@@ -291,7 +314,9 @@ class Delivery:
         ):
             return ()
         hostname = self._settings.hostname
-        dsn_from = cfg.dsn_sender if "@" in cfg.dsn_sender else f"{cfg.dsn_sender}@{hostname}"
+        dsn_from = (
+            cfg.dsn_sender if "@" in cfg.dsn_sender else f"{cfg.dsn_sender}@{hostname}"
+        )
         body = build_dsn(
             reporting_mta=hostname,
             dsn_from=dsn_from,

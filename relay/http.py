@@ -45,7 +45,7 @@ class HttpListener:
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
-        server = self._site._server if self._site is not None else None  # noqa: SLF001
+        server = self._site._server if self._site is not None else None
         if isinstance(server, asyncio.Server) and server.sockets:
             return int(server.sockets[0].getsockname()[1])
         return self._port
@@ -54,7 +54,9 @@ class HttpListener:
         """Bind and serve."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        self._site = web.TCPSite(
+            self._runner, self._host, self._port, reuse_address=True
+        )
         await self._site.start()
         log.info("http_listening", host=self._host, port=self.port)
 
@@ -67,7 +69,7 @@ class HttpListener:
     async def _metrics_view(self, request: web.Request) -> web.Response:
         try:
             await self._refresh()
-        except Exception:  # noqa: BLE001 - metrics must render even if the store is down
+        except Exception:
             log.warning("metrics_refresh_failed", exc_info=True)
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

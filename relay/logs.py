@@ -13,11 +13,17 @@ from typing import Any
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: Any = None
+) -> None:
     """Configure structlog and the stdlib root logger once, at start-up."""
     out = stream if stream is not None else sys.stdout
     numeric = _LEVELS.get(level, logging.INFO)

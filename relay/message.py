@@ -12,7 +12,6 @@ from email import policy
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import EmailMessage
 from email.parser import BytesParser
-from typing import cast
 
 _PARSER = BytesParser(policy=policy.default)
 
@@ -38,9 +37,7 @@ class MessageView:
     def parse(cls, content: bytes) -> MessageView:
         """Parse the header section of ``content`` (CRLF line endings)."""
         body_offset = header_block_end(content)
-        headers = cast(
-            EmailMessage, _PARSER.parsebytes(content[:body_offset], headersonly=True)
-        )
+        headers = _PARSER.parsebytes(content[:body_offset], headersonly=True)
         return cls(
             headers=headers,
             size_bytes=len(content),

@@ -9,10 +9,32 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
-_SIZE_BUCKETS = (1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
-                 16777216.0, 67108864.0)
+_SIZE_BUCKETS = (
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+)
 
 
 class Metrics:
@@ -21,7 +43,9 @@ class Metrics:
     def __init__(self, version: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.build_info = Info("relay_build", "Version of the running relay.", registry=r)
+        self.build_info = Info(
+            "relay_build", "Version of the running relay.", registry=r
+        )
         self.build_info.info({"version": version})
         self.smtp_sessions_total = Counter(
             "relay_smtp_sessions_total",
@@ -111,7 +135,16 @@ class Metrics:
         self.queue_time_seconds = Histogram(
             "relay_queue_time_seconds",
             "From acceptance to delivery of a message.",
-            buckets=(*_LATENCY_BUCKETS, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0),
+            buckets=(
+                *_LATENCY_BUCKETS,
+                30.0,
+                60.0,
+                300.0,
+                900.0,
+                3600.0,
+                14400.0,
+                86400.0,
+            ),
             registry=r,
         )
         self.upstream_connections_total = Counter(

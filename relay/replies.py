@@ -41,15 +41,21 @@ SENDER_OK = SmtpReply(250, "2.1.0", "Sender ok")
 RECIPIENT_OK = SmtpReply(250, "2.1.5", "Recipient ok")
 AUTH_OK = SmtpReply(235, "2.7.0", "Authentication successful")
 AUTH_INVALID = SmtpReply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_REQUIRED = SmtpReply(530, "5.7.0", "Authentication required: log in with AUTH first")
+AUTH_REQUIRED = SmtpReply(
+    530, "5.7.0", "Authentication required: log in with AUTH first"
+)
 AUTH_MALFORMED = SmtpReply(501, "5.5.2", "Malformed authentication data")
 RELAY_DENIED = SmtpReply(
     554, "5.7.1", "Relay access denied: authenticate with AUTH to send mail"
 )
 TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "Too many recipients for one message")
-TOO_LARGE = SmtpReply(552, "5.3.4", "Message size exceeds the fixed maximum message size")
+TOO_LARGE = SmtpReply(
+    552, "5.3.4", "Message size exceeds the fixed maximum message size"
+)
 LINE_TOO_LONG = SmtpReply(
-    500, "5.5.2", "Message refused: a line is longer than 998 octets (RFC 5321 4.5.3.1.6)"
+    500,
+    "5.5.2",
+    "Message refused: a line is longer than 998 octets (RFC 5321 4.5.3.1.6)",
 )
 BARE_LINE_ENDING = SmtpReply(
     550,
@@ -98,7 +104,10 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("500 Line too long", LINE_TOO_LONG.render()),
     ("552 Error: Too much mail data", TOO_LARGE.render()),
     ("552 Error: message size exceeds", TOO_LARGE.render()),
-    ("530 Must issue a STARTTLS command first", "530 5.7.0 Must issue a STARTTLS command first"),
+    (
+        "530 Must issue a STARTTLS command first",
+        "530 5.7.0 Must issue a STARTTLS command first",
+    ),
     ("554 Command refused due to lack of security", "554 5.7.0 TLS negotiation failed"),
     ("503 Error: send", "503 5.5.1 Send EHLO first"),
     ("503 Error: nested MAIL command", "503 5.5.1 Nested MAIL command"),
@@ -108,7 +117,10 @@ _BUILTIN: tuple[tuple[str, str], ...] = (
     ("501 Error: SMTPUTF8 disabled", "501 5.5.4 SMTPUTF8 is disabled"),
     ("555 ", "555 5.5.4 Parameters not recognized or not implemented"),
     ("502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
-    ("252 Cannot VRFY", "252 2.5.0 Cannot VRFY user; send the message and it will be tried"),
+    (
+        "252 Cannot VRFY",
+        "252 2.5.0 Cannot VRFY user; send the message and it will be tried",
+    ),
     ("250 OK", "250 2.0.0 Ok"),
     ("221 Bye", "221 2.0.0 Bye"),
     ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),

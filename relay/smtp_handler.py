@@ -49,7 +49,7 @@ class Transaction:
     refused: int = 0
 
 
-class RelaySession(Session):  # type: ignore[misc]
+class RelaySession(Session):
     """aiosmtpd's session plus the relay's per-connection state."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -100,10 +100,12 @@ class RelayHandler:
 
     # -- sessions -------------------------------------------------------------
 
-    def session_opened(self, server: RelaySMTP, session: RelaySession) -> SmtpReply | None:
+    def session_opened(
+        self, server: RelaySMTP, session: RelaySession
+    ) -> SmtpReply | None:
         """Count a new connection; return a refusal if the relay is full."""
-        peer = session.peer
-        session.peer_ip = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+        peer: Any = session.peer
+        session.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
         structlog.contextvars.bind_contextvars(
             session_id=session.session_id, peer_ip=session.peer_ip
         )
@@ -133,7 +135,13 @@ class RelayHandler:
         code = int(line[:3]) if line[:3].isdigit() else 500
         status = line[4:].split(" ", 1)[0] if len(line) > 4 else "5.0.0"
         reply = SmtpReply(code, status, line[4 + len(status) + 1 :])
-        reason = "too_large" if code == 552 else "line_too_long" if code == 500 else "protocol"
+        reason = (
+            "too_large"
+            if code == 552
+            else "line_too_long"
+            if code == 500
+            else "protocol"
+        )
         self._refuse_message(session.account or "-", reason, reply)
         self._end_transaction(session, "refused", reply, reason=reason)
 
@@ -158,7 +166,11 @@ class RelayHandler:
         return responses
 
     async def handle_HELO(  # noqa: N802
-        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, hostname: str
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        hostname: str,
     ) -> str:
         """Plain SMTP greeting (no AUTH, so no relaying)."""
         session.helo = hostname
@@ -167,13 +179,19 @@ class RelayHandler:
         return f"250 {self._settings.hostname}"
 
     async def handle_AUTH(  # noqa: N802
-        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, args: list[str]
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        args: list[str],
     ) -> str | None:
         """AUTH PLAIN and LOGIN against the accounts, off the event loop."""
         remaining = self._auth.lockout_remaining(session.peer_ip)
         if remaining > 0:
             self._metrics.auth_attempts_total.labels("locked_out").inc()
-            log.warning("auth_refused", reason="locked_out", retry_in_seconds=round(remaining))
+            log.warning(
+                "auth_refused", reason="locked_out", retry_in_seconds=round(remaining)
+            )
             return replies.auth_locked_out(remaining).render(session.session_id)
         credentials = await self._read_credentials(server, args)
         if credentials is None:
@@ -187,7 +205,6 @@ class RelayHandler:
             log.info("auth_failed", mechanism=args[0].upper())
             return replies.AUTH_INVALID.render(session.session_id)
         session.authenticated = True
-        session.auth_data = account
         session.account = account
         structlog.contextvars.bind_contextvars(account=account)
         self._metrics.auth_attempts_total.labels("success").inc()
@@ -200,9 +217,10 @@ class RelayHandler:
         mechanism = args[0].upper()
         if mechanism == "PLAIN":
             if len(args) == 1:
-                blob = await server.challenge_auth("")
-                if blob is MISSING:
-                    return None
+                answer = await server.challenge_auth("")
+                if not isinstance(answer, bytes):
+                    return None  # aborted; aiosmtpd has answered
+                blob = answer
             else:
                 try:
                     blob = b64decode(args[1], validate=True)
@@ -215,17 +233,19 @@ class RelayHandler:
             user, password = parts[1], parts[2]
         elif mechanism == "LOGIN":
             if len(args) == 1:
-                user = await server.challenge_auth("Username:")
-                if user is MISSING:
+                answer = await server.challenge_auth("Username:")
+                if not isinstance(answer, bytes):
                     return None
+                user = answer
             else:
                 try:
                     user = b64decode(args[1], validate=True)
                 except binascii.Error:
                     return replies.AUTH_MALFORMED
-            password = await server.challenge_auth("Password:")
-            if password is MISSING:
+            answer = await server.challenge_auth("Password:")
+            if not isinstance(answer, bytes):
                 return None
+            password = answer
         else:
             return SmtpReply(504, "5.5.4", "Unrecognized authentication type")
         try:
@@ -241,7 +261,7 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        """Start a transaction: only for authenticated accounts, never while draining."""
+        """Start a transaction: authenticated accounts only, never while draining."""
         ref = session.session_id
         account = session.account or "-"
         if self.draining:
@@ -261,7 +281,9 @@ class RelayHandler:
                 self._refuse_message(account, "invalid_sender", reply)
                 return reply.render(ref)
             if not sender.isascii() and not envelope.smtp_utf8:
-                reply = SmtpReply(553, "5.6.7", "Non-ASCII sender address needs SMTPUTF8")
+                reply = SmtpReply(
+                    553, "5.6.7", "Non-ASCII sender address needs SMTPUTF8"
+                )
                 self._refuse_message(account, "smtputf8_required", reply)
                 return reply.render(ref)
         if not await self._free_space_ok():
@@ -283,7 +305,7 @@ class RelayHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        """Take one recipient, canonicalised once; the rest of the relay uses that form."""
+        """Take one recipient, canonicalised once; the relay uses that form after."""
         ref = session.session_id
         txn = session.transaction
         account = session.account or "-"
@@ -293,13 +315,21 @@ class RelayHandler:
             rcpt = canonical_address(address)
         except AddressError as exc:
             return self._refuse_rcpt(
-                txn, account, "invalid_recipient", replies.bad_address("recipient", exc.reason), ref
+                txn,
+                account,
+                "invalid_recipient",
+                replies.bad_address("recipient", exc.reason),
+                ref,
             )
         if not rcpt.isascii() and not txn.smtputf8:
-            reply = SmtpReply(553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8")
+            reply = SmtpReply(
+                553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8"
+            )
             return self._refuse_rcpt(txn, account, "smtputf8_required", reply, ref)
         if session.account is None:
-            return self._refuse_rcpt(txn, account, "relay_denied", replies.RELAY_DENIED, ref)
+            return self._refuse_rcpt(
+                txn, account, "relay_denied", replies.RELAY_DENIED, ref
+            )
         if rcpt in txn.recipients:
             return replies.RECIPIENT_OK.render()
         if len(txn.recipients) >= self._settings.max_recipients:
@@ -326,7 +356,9 @@ class RelayHandler:
         reply, reason = self._check_data(content)
         if reply is not None:
             self._refuse_message(account, reason, reply)
-            self._end_transaction(session, "refused", reply, size=len(content), reason=reason)
+            self._end_transaction(
+                session, "refused", reply, size=len(content), reason=reason
+            )
             return reply.render(ref)
         queue_id = new_queue_id()
         stamped = self._received_header(session, server, queue_id, txn) + content
@@ -342,17 +374,25 @@ class RelayHandler:
             await self._queue.enqueue(message)
         except StorageFullError:
             self._metrics.storage_errors_total.labels("full").inc()
-            return self._store_failed(session, account, "storage_full", replies.STORAGE_FULL, content)
+            return self._store_failed(
+                session, account, "storage_full", replies.STORAGE_FULL, content
+            )
         except StorageUnavailableError:
             self._metrics.storage_errors_total.labels("unavailable").inc()
             return self._store_failed(
-                session, account, "storage_unavailable", replies.STORAGE_UNAVAILABLE, content
+                session,
+                account,
+                "storage_unavailable",
+                replies.STORAGE_UNAVAILABLE,
+                content,
             )
         self._metrics.accept_duration_seconds.observe(time.monotonic() - started)
         self._metrics.messages_received_total.labels(account).inc()
         self._metrics.message_size_bytes.observe(len(stamped))
         reply = replies.queued(queue_id)
-        self._end_transaction(session, "accepted", reply, size=len(stamped), queue_id=queue_id)
+        self._end_transaction(
+            session, "accepted", reply, size=len(stamped), queue_id=queue_id
+        )
         return reply.render()
 
     async def handle_RSET(  # noqa: N802
@@ -377,7 +417,7 @@ class RelayHandler:
         return "252 2.5.0 Cannot VRFY user; send the message and it will be tried"
 
     async def handle_exception(self, error: Exception) -> str:
-        """Any fault answers 451 4.3.0 without its text (aiosmtpd would say 500 + text)."""
+        """Any fault answers 451 4.3.0 without its text (not aiosmtpd's 500 + text)."""
         log.error("smtp_fault", exc_info=error)
         return replies.INTERNAL_ERROR.render(secrets.token_hex(4))
 
@@ -407,7 +447,9 @@ class RelayHandler:
             proto += "S"
         if session.account is not None:
             proto += "A"
-        helo = "".join(ch for ch in session.helo if 33 <= ord(ch) < 127)[:255] or "unknown"
+        helo = (
+            "".join(ch for ch in session.helo if 33 <= ord(ch) < 127)[:255] or "unknown"
+        )
         date = format_datetime(self._clock.now())
         return (
             f"Received: from {helo} ([{session.peer_ip}])\r\n"
@@ -416,18 +458,28 @@ class RelayHandler:
         ).encode("utf-8", "surrogateescape")
 
     def _store_failed(
-        self, session: RelaySession, account: str, reason: str, reply: SmtpReply, content: bytes
+        self,
+        session: RelaySession,
+        account: str,
+        reason: str,
+        reply: SmtpReply,
+        content: bytes,
     ) -> str:
         log.error("message_not_queued", reason=reason)
         self._refuse_message(account, reason, reply)
-        self._end_transaction(session, "deferred", reply, size=len(content), reason=reason)
+        self._end_transaction(
+            session, "deferred", reply, size=len(content), reason=reason
+        )
         return reply.render(session.session_id)
 
     def _refuse_message(self, account: str, reason: str, reply: SmtpReply) -> None:
         self._metrics.messages_refused_total.labels(account, _CORE, reason).inc()
         if reason not in {"storage_full", "storage_unavailable"}:
             log.info(
-                "message_refused", reason=reason, smtp_code=reply.code, smtp_status=reply.status
+                "message_refused",
+                reason=reason,
+                smtp_code=reply.code,
+                smtp_status=reply.status,
             )
 
     def _refuse_rcpt(
@@ -436,7 +488,10 @@ class RelayHandler:
         txn.refused += 1
         self._metrics.recipients_refused_total.labels(account, _CORE, reason).inc()
         log.info(
-            "recipient_refused", reason=reason, smtp_code=reply.code, smtp_status=reply.status
+            "recipient_refused",
+            reason=reason,
+            smtp_code=reply.code,
+            smtp_status=reply.status,
         )
         return reply.render(ref)
 

@@ -24,12 +24,22 @@ log = structlog.get_logger(__name__)
 
 # A client that sends more than this many commands of one kind in a session is cut
 # off (aiosmtpd's command_call_limit applies per command; "*" is every other one).
-_CALL_LIMITS = {"*": 100, "AUTH": 10, "EHLO": 50, "HELO": 50, "STARTTLS": 2,
-                "NOOP": 1000, "RSET": 1_000_000, "MAIL": 1_000_000,
-                "RCPT": 10_000_000, "DATA": 1_000_000, "QUIT": 1}
+_CALL_LIMITS = {
+    "*": 100,
+    "AUTH": 10,
+    "EHLO": 50,
+    "HELO": 50,
+    "STARTTLS": 2,
+    "NOOP": 1000,
+    "RSET": 1_000_000,
+    "MAIL": 1_000_000,
+    "RCPT": 10_000_000,
+    "DATA": 1_000_000,
+    "QUIT": 1,
+}
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySMTP(SMTP):
     """aiosmtpd's SMTP protocol with the relay's adjustments."""
 
     def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
@@ -56,10 +66,12 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
 
     async def push(self, status: str | bytes) -> None:
         """Send a reply, adding an enhanced status code where aiosmtpd left none."""
-        if isinstance(status, str) and not self._raw_replies:
+        if isinstance(status, bytes):
+            await super().push(status)
+            return
+        if not self._raw_replies:
             status = with_enhanced_code(status)
-        if isinstance(status, str):
-            self.last_reply = status
+        self.last_reply = status
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:  # noqa: N802 - aiosmtpd's name
@@ -89,7 +101,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
 
     async def _handle_client(self) -> None:
         session = self.session
-        assert isinstance(session, RelaySession)
+        if not isinstance(session, RelaySession):  # pragma: no cover - set by aiosmtpd
+            return
         refusal: SmtpReply | None = self.relay_handler.session_opened(self, session)
         if refusal is not None:
             await self.push(refusal.render())
@@ -113,7 +126,9 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
 class SmtpListener:
     """The listening socket for mailers; one :class:`RelaySMTP` per connection."""
 
-    def __init__(self, config: ServerConfig, handler: RelayHandler, host: str, port: int) -> None:
+    def __init__(
+        self, config: ServerConfig, handler: RelayHandler, host: str, port: int
+    ) -> None:
         self._config = config
         self._handler = handler
         self._host = host
@@ -153,19 +168,11 @@ class SmtpListener:
         self._server = await loop.create_server(
             self._protocol, host=self._host, port=self._port, reuse_address=True
         )
-        log.info("smtp_listening", host=self._host, port=self.port, tls=self._tls is not None)
+        log.info(
+            "smtp_listening", host=self._host, port=self.port, tls=self._tls is not None
+        )
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open sessions carry on."""
         if self._server is not None:
             self._server.close()
-
-    async def wait_closed(self, timeout: float) -> None:
-        """Wait for the socket to close (sessions are ended separately)."""
-        if self._server is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await self._server.wait_closed()
-        except TimeoutError:
-            pass

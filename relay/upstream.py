@@ -46,7 +46,7 @@ class RecipientOutcome:
 
 
 def _enhanced(code: int | None, text: str) -> tuple[str, str]:
-    """Split ``"5.1.1 User unknown"`` into status and text; derive a status if absent."""
+    """Split ``"5.1.1 User unknown"`` into status and text (derive a missing one)."""
     head, _, rest = text.partition(" ")
     parts = head.split(".")
     if len(parts) == 3 and all(p.isdigit() for p in parts) and head[0] in "245":
@@ -124,7 +124,9 @@ class UpstreamConnection:
             timeout=cfg.command_timeout_seconds,
             use_tls=cfg.scheme is UpstreamScheme.SMTPS,
             start_tls=cfg.scheme is UpstreamScheme.STARTTLS,
-            tls_context=self._tls_context() if cfg.scheme is not UpstreamScheme.SMTP else None,
+            tls_context=self._tls_context()
+            if cfg.scheme is not UpstreamScheme.SMTP
+            else None,
         )
         try:
             await client.connect(timeout=cfg.connect_timeout_seconds)
@@ -188,7 +190,9 @@ class UpstreamConnection:
         """
         client, reused = await self._ready_client()
         try:
-            return await self._transaction(client, mail_from, recipients, content, smtputf8)
+            return await self._transaction(
+                client, mail_from, recipients, content, smtputf8
+            )
         except aiosmtplib.SMTPServerDisconnected:
             if not reused:
                 raise

@@ -1,6 +1,11 @@
 """Storage: one interface (``base``), the SQLite backend, address normalisation."""
 
-from storage.addresses import AddressError, canonical_address, canonical_domain, domain_of
+from storage.addresses import (
+    AddressError,
+    canonical_address,
+    canonical_domain,
+    domain_of,
+)
 from storage.base import (
     AttemptRecord,
     BounceType,

@@ -31,7 +31,7 @@ class EventKind(StrEnum):
 
 
 class BounceType(StrEnum):
-    """A permanent refusal (hard) or a temporary one that outlived the message (soft)."""
+    """A permanent refusal (hard), or a temporary one that outlived the message."""
 
     HARD = "hard"
     SOFT = "soft"
@@ -138,7 +138,7 @@ class QueueStore(Protocol):
     """
 
     async def enqueue(self, message: NewMessage) -> None:
-        """Make ``message`` durable; raise StorageFullError or StorageUnavailableError."""
+        """Make ``message`` durable, or raise StorageFullError / Unavailable."""
         ...
 
     async def due(self, now: datetime, limit: int) -> list[QueuedMessage]:
@@ -178,7 +178,10 @@ class EventStore(Protocol):
     """Per-recipient events, deduplicated on ``dedup_key``."""
 
     async def events(
-        self, kind: EventKind | None = None, account: str | None = None, limit: int = 1000
+        self,
+        kind: EventKind | None = None,
+        account: str | None = None,
+        limit: int = 1000,
     ) -> list[Event]:
         """Recorded events, newest first."""
         ...

@@ -1,8 +1,8 @@
 """The storage layer's exceptions; backends translate driver errors into these.
 
-    StorageError
-     ├── StorageUnavailableError   the store cannot be used now (answer 451 4.3.0)
-     └── StorageFullError          the disk or database is full (answer 452 4.3.1)
+StorageError
+ ├── StorageUnavailableError   the store cannot be used now (answer 451 4.3.0)
+ └── StorageFullError          the disk or database is full (answer 452 4.3.1)
 """
 
 

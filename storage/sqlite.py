@@ -1,4 +1,4 @@
-"""The SQLite backend (aiosqlite): WAL, ``synchronous=FULL``, one writer with group commit.
+"""The SQLite backend (aiosqlite): WAL, ``synchronous=FULL``, group-committed writes.
 
 Every write goes through one writer task. It takes all writes waiting at that moment,
 applies them in one transaction and commits once, so transactions that complete
@@ -9,6 +9,7 @@ Reads use a second connection, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import time
@@ -45,7 +46,8 @@ _INSERT_MESSAGE = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_RECIPIENT = (
-    "INSERT OR IGNORE INTO recipients (queue_id, address, state) VALUES (?, ?, 'pending')"
+    "INSERT OR IGNORE INTO recipients (queue_id, address, state)"
+    " VALUES (?, ?, 'pending')"
 )
 _UPDATE_RECIPIENT = (
     "UPDATE recipients SET state = ?, smtp_code = ?, status = ?, detail = ?,"
@@ -186,19 +188,18 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageUnavailableError(f"cannot open {self._path}: {exc}") from exc
-        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._writer_task = asyncio.create_task(
+            self._write_loop(), name="sqlite-writer"
+        )
 
     async def close(self) -> None:
         """Finish queued writes, stop the writer, close the connections."""
         if self._writer_task is not None:
             # Let writes already queued commit before stopping.
-            while not self._pending.empty():
-                await asyncio.sleep(0.01)
+            await self._pending.join()
             self._writer_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
-            except asyncio.CancelledError:
-                pass
             self._writer_task = None
         for conn in (self._reader, self._writer):
             if conn is not None:
@@ -261,23 +262,30 @@ class SqliteStore:
             while len(batch) < _MAX_BATCH and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
             try:
-                await self._apply(batch)
-            except StorageError as exc:
-                if len(batch) == 1 or isinstance(exc, StorageFullError):
-                    self._fail(batch, exc)
-                    continue
-                # One bad write must not fail its neighbours: apply each alone.
-                for write in batch:
-                    try:
-                        await self._apply([write])
-                    except StorageError as single:
-                        self._fail([write], single)
-                    else:
-                        self.commits += 1
-                        self._succeed([write])
-                continue
-            self.commits += 1
-            self._succeed(batch)
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._pending.task_done()
+
+    async def _commit(self, batch: list[_Write]) -> None:
+        try:
+            await self._apply(batch)
+        except StorageError as exc:
+            if len(batch) == 1 or isinstance(exc, StorageFullError):
+                self._fail(batch, exc)
+                return
+            # One bad write must not fail its neighbours: apply each alone.
+            for write in batch:
+                try:
+                    await self._apply([write])
+                except StorageError as single:
+                    self._fail([write], single)
+                else:
+                    self.commits += 1
+                    self._succeed([write])
+            return
+        self.commits += 1
+        self._succeed(batch)
 
     @staticmethod
     def _fail(batch: list[_Write], exc: StorageError) -> None:
@@ -292,8 +300,9 @@ class SqliteStore:
                 write.done.set_result(write.result)
 
     async def _apply(self, batch: list[_Write]) -> None:
-        assert self._writer is not None
         db = self._writer
+        if db is None:
+            raise StorageUnavailableError("store is not open")
         grouped: dict[str, list[tuple[Any, ...]]] = {}
         for write in batch:
             for sql, params in write.statements:
@@ -313,7 +322,7 @@ class SqliteStore:
                     await db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            log.error("storage_write_failed", error=str(exc), batch=len(batch))
+            log.exception("storage_write_failed", batch=len(batch))
             raise _translate(exc) from exc
 
     # -- QueueStore -----------------------------------------------------------
@@ -372,7 +381,9 @@ class SqliteStore:
         """Drop a queued message and its recipients."""
 
         async def run(db: aiosqlite.Connection) -> bool:
-            cur = await db.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+            cur = await db.execute(
+                "DELETE FROM messages WHERE queue_id = ?", (queue_id,)
+            )
             await db.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
             return cur.rowcount > 0
 
@@ -392,7 +403,9 @@ class SqliteStore:
         except TimeoutError as exc:
             raise StorageUnavailableError("store read timed out") from exc
 
-    async def _messages(self, where: str, params: tuple[Any, ...]) -> list[QueuedMessage]:
+    async def _messages(
+        self, where: str, params: tuple[Any, ...]
+    ) -> list[QueuedMessage]:
         rows = await self._fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages {where}",  # noqa: S608 (fixed text)
             params,
@@ -464,7 +477,10 @@ class SqliteStore:
         )
 
     async def events(
-        self, kind: EventKind | None = None, account: str | None = None, limit: int = 1000
+        self,
+        kind: EventKind | None = None,
+        account: str | None = None,
+        limit: int = 1000,
     ) -> list[Event]:
         """Recorded events, newest first."""
         clauses, params = [], []
@@ -476,8 +492,8 @@ class SqliteStore:
             params.append(account)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._fetch(
-            "SELECT kind, account, recipient, occurred_at, source, queue_id, smtp_code,"
-            f" status, detail, bounce_type, dedup_key FROM events {where}"  # noqa: S608
+            "SELECT kind, account, recipient, occurred_at, source, queue_id, smtp_code,"  # noqa: S608 (fixed text)
+            f" status, detail, bounce_type, dedup_key FROM events {where}"
             " ORDER BY id DESC LIMIT ?",
             (*params, limit),
         )

@@ -44,8 +44,12 @@ def config_dict(db_path: Path, upstream_url: str) -> dict[str, Any]:
         },
         "http": {"listen": "127.0.0.1:0"},
         "storage": {"url": f"sqlite:///{db_path}", "min_free_space": 0},
-        "upstream": {"url": upstream_url, "pool_size": 2, "connect_timeout": "2s",
-                     "command_timeout": "5s"},
+        "upstream": {
+            "url": upstream_url,
+            "pool_size": 2,
+            "connect_timeout": "2s",
+            "command_timeout": "5s",
+        },
         "queue": {
             "retry_schedule": ["200ms"],
             "retry_jitter": 0,
@@ -97,8 +101,9 @@ async def relay_server(start_relay: StartRelay) -> Relay:
 
 async def client(relay: Relay, *, login: bool = True) -> aiosmtplib.SMTP:
     """An aiosmtplib client connected (and logged in) to ``relay``."""
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.smtp.port, start_tls=False,
-                           timeout=10)
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=relay.smtp.port, start_tls=False, timeout=10
+    )
     await smtp.connect()
     if login:
         await smtp.login(ACCOUNT, PASSWORD)

@@ -11,9 +11,13 @@ from tests.conftest import StartRelay, client, message
 from tests.support.upstream import CaptureUpstream
 
 
-async def _send(relay: Relay, rcpts: list[str], sender: str = "news@acme.example") -> str:
+async def _send(
+    relay: Relay, rcpts: list[str], sender: str = "news@acme.example"
+) -> str:
     smtp = await client(relay)
-    errors, reply = await smtp.sendmail(sender, rcpts, message(sender=sender, to=rcpts[0]))
+    errors, reply = await smtp.sendmail(
+        sender, rcpts, message(sender=sender, to=rcpts[0])
+    )
     await smtp.quit()
     assert errors == {}
     return reply.rsplit(" ", 1)[1]
@@ -44,9 +48,12 @@ async def test_temporary_failure_then_success_delivers_exactly_once(
     await _until(gone)
     await asyncio.sleep(0.3)  # a further poll must not deliver it again
     assert len(upstream.to("jane@example.org")) == 1
-    assert relay_server.metrics.registry.get_sample_value(
-        "relay_delivery_attempts_total", {"result": "deferred"}
-    ) == 2
+    assert (
+        relay_server.metrics.registry.get_sample_value(
+            "relay_delivery_attempts_total", {"result": "deferred"}
+        )
+        == 2
+    )
 
 
 async def test_permanent_failure_bounces_with_dsn_to_sender(
@@ -67,10 +74,9 @@ async def test_permanent_failure_bounces_with_dsn_to_sender(
     assert "Status: 5.1.1" in status
     assert "no such user" in status
     events = await relay_server.store.events(EventKind.BOUNCE)
-    assert [(e.recipient, e.bounce_type, e.smtp_code, e.account, e.queue_id)
-            for e in events] == [
-        ("gone@example.org", BounceType.HARD, 550, "acme", queue_id)
-    ]
+    assert [
+        (e.recipient, e.bounce_type, e.smtp_code, e.account, e.queue_id) for e in events
+    ] == [("gone@example.org", BounceType.HARD, 550, "acme", queue_id)]
 
 
 async def test_null_sender_bounce_gets_no_dsn(
@@ -89,7 +95,9 @@ async def test_null_sender_bounce_gets_no_dsn(
     await _until(bounced)
     await asyncio.sleep(0.3)
     assert [m.rcpt_tos for m in upstream.messages] == [["jane@example.org"]]
-    assert relay_server.metrics.registry.get_sample_value("relay_dsn_generated_total") == 0
+    assert (
+        relay_server.metrics.registry.get_sample_value("relay_dsn_generated_total") == 0
+    )
 
 
 async def test_upstream_down_retries_then_expires_with_dsn(
@@ -97,7 +105,9 @@ async def test_upstream_down_retries_then_expires_with_dsn(
 ) -> None:
     port = upstream.port
     await upstream.stop()  # nothing listens: connection refused
-    relay = await start_relay({"queue": {"max_lifetime": "1s", "retry_schedule": ["150ms"]}})
+    relay = await start_relay(
+        {"queue": {"max_lifetime": "1s", "retry_schedule": ["150ms"]}}
+    )
     queue_id = await _send(relay, ["jane@example.org"])
 
     async def expired() -> bool:

@@ -36,7 +36,9 @@ async def test_message_reaches_upstream_byte_identical_apart_from_received(
 async def test_auth_mechanisms_accept_valid_credentials(
     relay_server: Relay, mechanism: str
 ) -> None:
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay_server.smtp.port, timeout=10)
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=relay_server.smtp.port, timeout=10
+    )
     await smtp.connect()
     method = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
     response = await method(ACCOUNT, PASSWORD)
@@ -45,7 +47,9 @@ async def test_auth_mechanisms_accept_valid_credentials(
 
 
 async def test_wrong_password_is_refused(relay_server: Relay) -> None:
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay_server.smtp.port, timeout=10)
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=relay_server.smtp.port, timeout=10
+    )
     await smtp.connect()
     with pytest.raises(aiosmtplib.SMTPAuthenticationError) as info:
         await smtp.login(ACCOUNT, "wrong")

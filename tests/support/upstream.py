@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -50,8 +51,13 @@ class CaptureUpstream:
         """Listen (on ``port``, or a free one when it is 0)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _CountingSMTP(self, _Handler(self), enable_SMTPUTF8=True,
-                                  hostname="upstream.test", loop=loop),
+            lambda: _CountingSMTP(
+                self,
+                _Handler(self),
+                enable_SMTPUTF8=True,
+                hostname="upstream.test",
+                loop=loop,
+            ),
             host=self.host,
             port=self.port,
             reuse_address=True,
@@ -93,8 +99,10 @@ class CaptureUpstream:
         return [m for m in self.messages if address in m.rcpt_tos]
 
 
-class _CountingSMTP(SMTP):  # type: ignore[misc]
-    def __init__(self, owner: CaptureUpstream, handler: object, **kwargs: object) -> None:
+class _CountingSMTP(SMTP):
+    def __init__(
+        self, owner: CaptureUpstream, handler: object, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         owner.connections += 1
         self._owner = owner
@@ -109,7 +117,11 @@ class _Handler:
         self._owner = owner
 
     async def handle_RCPT(  # noqa: N802
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         reply = self._owner.reply_for(address)
@@ -122,13 +134,19 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         reply = self._owner.data_reply
-        if reply is not None and not reply.startswith("2") and envelope.mail_from != "<>":
+        if (
+            reply is not None
+            and not reply.startswith("2")
+            and envelope.mail_from != "<>"
+        ):
             return reply
         await self._owner.record(
             Received(
-                mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
+                mail_from=""
+                if envelope.mail_from == "<>"
+                else envelope.mail_from or "",
                 rcpt_tos=list(envelope.rcpt_tos),
-                content=envelope.original_content,
+                content=envelope.original_content or b"",
                 mail_options=list(envelope.mail_options),
             )
         )
