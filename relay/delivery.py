@@ -254,7 +254,7 @@ class Delivery:
                         if state is RecipientState.BOUNCED
                         else "4.4.7",
                         diagnostic=(
-                            out.text
+                            f"{out.status} {out.text}"
                             if state is RecipientState.BOUNCED
                             else f"message expired after retrying: {out.text}"
                         ),
