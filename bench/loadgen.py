@@ -26,6 +26,7 @@ import email.utils
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -394,9 +395,10 @@ async def _worker_async(
     }
 
 
-def _worker_main(  # noqa: PLR0917
+def _worker_main(
     spec: LoadSpec, first: int, count: int, sessions: int, ready: Any, go: Any, out: Any
 ) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     try:
         result = asyncio.run(
             _worker_async(

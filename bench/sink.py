@@ -81,6 +81,7 @@ class Sink:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it
             )
             self._reader = threading.Thread(target=self._drain, daemon=True)
             self._reader.start()
