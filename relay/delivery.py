@@ -111,6 +111,9 @@ class Delivery:
             await asyncio.shield(connection.close())
 
     async def _next(self, connection: UpstreamConnection) -> Job | None:
+        job = self._queue.next_job_nowait()
+        if job is not None:  # the busy path: no waiting machinery
+            return job
         getter = asyncio.ensure_future(self._queue.next_job())
         stopper = asyncio.ensure_future(self._stopping.wait())
         timeout = self._idle_timeout if connection.connected else None

@@ -1,19 +1,23 @@
 """Parses DATA once into a read-only :class:`MessageView`. It makes no decisions.
 
-Only the header section is parsed on the hot path (stdlib ``email``,
-``policy.default``); bodies are parsed when a check asks for them. ``problem``
-reports a header section or top-level MIME structure too broken to pass on.
+The hot path only locates the header section and reads the one header it needs
+(Content-Type) with a scan; the full stdlib parse (``email``, ``policy.default``)
+happens once, on first use of :attr:`MessageView.headers`, so checks that need the
+headers share one parse and messages that need none pay for none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from email import policy
-from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import EmailMessage
 from email.parser import BytesParser
 
 _PARSER = BytesParser(policy=policy.default)
+# RFC 5322 §2.2: a header field is a name of printable ASCII except ":", then ":".
+_FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
+_CONTENT_TYPE = re.compile(rb"(?im)^content-type[ \t]*:((?:[^\r\n]*(?:\r\n[ \t])?)*)")
+_MULTIPART = re.compile(rb"(?i)^\s*multipart\s*/")
 
 
 def header_block_end(content: bytes) -> int:
@@ -24,46 +28,55 @@ def header_block_end(content: bytes) -> int:
     return len(content) if index < 0 else index + 4
 
 
-@dataclass(frozen=True, slots=True)
 class MessageView:
-    """A parsed view of one message: its headers, size and structural problems."""
+    """A view of one message: its size, header section and structural problems."""
 
-    headers: EmailMessage
-    size_bytes: int
-    body_offset: int
-    problem: str | None
+    __slots__ = ("_headers", "body_offset", "content", "problem", "size_bytes")
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self.size_bytes = len(content)
+        self.body_offset = header_block_end(content)
+        self._headers: EmailMessage | None = None
+        self.problem = self._find_problem()
 
     @classmethod
     def parse(cls, content: bytes) -> MessageView:
-        """Parse the header section of ``content`` (CRLF line endings)."""
-        body_offset = header_block_end(content)
-        headers = _PARSER.parsebytes(content[:body_offset], headersonly=True)
-        return cls(
-            headers=headers,
-            size_bytes=len(content),
-            body_offset=body_offset,
-            problem=_problem(headers, content, body_offset),
-        )
+        """A view of ``content`` (CRLF line endings)."""
+        return cls(content)
 
+    @property
+    def headers(self) -> EmailMessage:
+        """The header section, parsed once with ``policy.default``."""
+        if self._headers is None:
+            block = self.content[: self.body_offset]
+            self._headers = _PARSER.parsebytes(block, headersonly=True)
+        return self._headers
 
-def _problem(headers: EmailMessage, content: bytes, body_offset: int) -> str | None:
-    if len(headers) == 0 or any(
-        isinstance(d, MissingHeaderBodySeparatorDefect) for d in headers.defects
-    ):
-        return "malformed header section (RFC 5322 2.2)"
-    try:
-        maintype = headers.get_content_maintype()
-        boundary = headers.get_boundary() if maintype == "multipart" else None
-    except (ValueError, TypeError, LookupError):
-        return "unparsable Content-Type header"
-    if maintype != "multipart":
+    def _find_problem(self) -> str | None:
+        content = self.content
+        if self.body_offset <= 2 or not _FIELD_LINE.match(content):
+            return "malformed header section (RFC 5322 2.2)"
+        block = content[: self.body_offset]
+        for line in block.rstrip(b"\r\n").split(b"\r\n"):
+            if line[:1] not in (b" ", b"\t") and not _FIELD_LINE.match(line):
+                return "malformed header section (RFC 5322 2.2)"
+        found = _CONTENT_TYPE.search(block)
+        if found is None or not _MULTIPART.match(found.group(1)):
+            return None
+        return self._multipart_problem()
+
+    def _multipart_problem(self) -> str | None:
+        try:
+            boundary = self.headers.get_boundary()
+        except (ValueError, TypeError, LookupError):
+            return "unparsable Content-Type header"
+        if not boundary:
+            return "multipart message without a boundary (RFC 2046 5.1.1)"
+        delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
+        body = self.content[self.body_offset :]
+        if delimiter not in body:
+            return "multipart boundary never appears in the body (RFC 2046 5.1.1)"
+        if delimiter + b"--" not in body:
+            return "multipart body is not closed by its final boundary (RFC 2046 5.1.1)"
         return None
-    if not boundary:
-        return "multipart message without a boundary (RFC 2046 5.1.1)"
-    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
-    body = content[body_offset:]
-    if delimiter not in body:
-        return "multipart boundary never appears in the body (RFC 2046 5.1.1)"
-    if delimiter + b"--" not in body:
-        return "multipart body is not closed by its final boundary (RFC 2046 5.1.1)"
-    return None

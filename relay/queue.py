@@ -143,6 +143,13 @@ class Queue:
         """Wait for the next leased job."""
         return await self._jobs.get()
 
+    def next_job_nowait(self) -> Job | None:
+        """The next leased job if one is waiting, else ``None``."""
+        try:
+            return self._jobs.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     def finish(self, record: AttemptRecord) -> None:
         """Hand an attempt's results to the recorder; the lease ends once committed."""
         self._results.put_nowait(record)
