@@ -61,6 +61,7 @@ class Authenticator:
         self._cache_key = secrets.token_bytes(32)
         self._cache: dict[str, tuple[str, bytes]] = {}
         self._slots = asyncio.Semaphore(_MAX_CONCURRENT_VERIFICATIONS)
+        self._pending: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
         self._dummy_hash = _HASHER.hash(secrets.token_hex(16))
 
     def lockout_remaining(self, client: str) -> float:
@@ -90,13 +91,40 @@ class Authenticator:
             ):
                 self._failures.pop(client, None)
                 return username
-        ok = await self._check(stored or self._dummy_hash, password)
+        ok = await self._check_once(username, stored or self._dummy_hash, password)
         if ok and account is not None and stored is not None and account.enabled:
             self._cache[username] = (stored, self._digest(password))
             self._failures.pop(client, None)
             return username
         self._record_failure(client)
         return None
+
+    async def _check_once(self, username: str, stored: str, password: bytes) -> bool:
+        """Verify, sharing one hash computation among identical concurrent logins.
+
+        A mailer opening many sessions at once logs in on each with the same
+        credentials; they wait for one verification instead of paying for each.
+        """
+        key = (username, self._digest(password))
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            ok = await self._check(stored, password)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the waiters re-raise it themselves
+            raise
+        else:
+            future.set_result(ok)
+            return ok
+        finally:
+            del self._pending[key]
 
     async def _check(self, stored: str, password: bytes) -> bool:
         async with self._slots:

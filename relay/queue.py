@@ -212,17 +212,17 @@ class Queue:
             await self._record(batch)
 
     async def _record(self, batch: list[AttemptRecord]) -> None:
-        outcomes = await asyncio.gather(
-            *(self._store.record_attempt(record) for record in batch),
-            return_exceptions=True,
-        )
-        for record, outcome in zip(batch, outcomes, strict=True):
+        try:
+            await self._store.record_attempts(batch)
+        except StorageError as exc:
+            # The attempts stay unrecorded: those messages will be tried again
+            # (a duplicate at worst, never a loss).
+            log.error(
+                "attempts_not_recorded",
+                queue_ids=[record.queue_id for record in batch][:20],
+                error=str(exc),
+            )
+        for record in batch:
             self._in_flight.discard(record.queue_id)
-            if isinstance(outcome, BaseException):
-                # The attempt stays unrecorded: the message will be tried again
-                # (a duplicate at worst, never a loss).
-                log.error(
-                    "attempt_not_recorded", queue_id=record.queue_id, error=str(outcome)
-                )
-            elif record.followups:
-                self._wake.set()
+        if any(record.followups for record in batch):
+            self._wake.set()

@@ -153,6 +153,10 @@ class QueueStore(Protocol):
         """Apply one attempt's results, events and follow-up messages atomically."""
         ...
 
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """Apply several attempts atomically, in one write."""
+        ...
+
     async def list_messages(self, limit: int = 1000) -> list[QueuedMessage]:
         """Every queued message (up to ``limit``), oldest first."""
         ...

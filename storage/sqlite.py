@@ -13,7 +13,7 @@ import contextlib
 import shutil
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -145,6 +145,33 @@ def _event_row(event: Event) -> Statement:
             event.dedup_key,
         ),
     )
+
+
+def _attempt_rows(record: AttemptRecord) -> list[Statement]:
+    attempted = _ts(record.attempted_at)
+    statements: list[Statement] = [
+        (
+            _UPDATE_RECIPIENT,
+            (
+                result.state.value,
+                result.smtp_code,
+                result.status,
+                result.detail,
+                attempted,
+                record.queue_id,
+                result.address,
+            ),
+        )
+        for result in record.results
+    ]
+    next_at = _ts(record.next_attempt_at) if record.next_attempt_at else attempted
+    statements.append((_UPDATE_MESSAGE, (next_at, record.last_error, record.queue_id)))
+    statements.append((_DELETE_DONE_MESSAGE, (record.queue_id, record.queue_id)))
+    statements.append((_DELETE_ORPHAN_RECIPIENTS, (record.queue_id, record.queue_id)))
+    statements.extend(_event_row(event) for event in record.events)
+    for followup in record.followups:
+        statements.extend(_message_rows(followup))
+    return statements
 
 
 class SqliteStore:
@@ -335,34 +362,13 @@ class SqliteStore:
 
     async def record_attempt(self, record: AttemptRecord) -> None:
         """Apply one attempt's per-recipient results, events and DSNs together."""
-        attempted = _ts(record.attempted_at)
-        statements: list[Statement] = [
-            (
-                _UPDATE_RECIPIENT,
-                (
-                    result.state.value,
-                    result.smtp_code,
-                    result.status,
-                    result.detail,
-                    attempted,
-                    record.queue_id,
-                    result.address,
-                ),
-            )
-            for result in record.results
-            if result.state is not RecipientState.PENDING
-        ]
-        next_at = _ts(record.next_attempt_at) if record.next_attempt_at else attempted
-        statements.append(
-            (_UPDATE_MESSAGE, (next_at, record.last_error, record.queue_id))
-        )
-        statements.append((_DELETE_DONE_MESSAGE, (record.queue_id, record.queue_id)))
-        statements.append(
-            (_DELETE_ORPHAN_RECIPIENTS, (record.queue_id, record.queue_id))
-        )
-        statements.extend(_event_row(event) for event in record.events)
-        for followup in record.followups:
-            statements.extend(_message_rows(followup))
+        await self._submit(_attempt_rows(record))
+
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """Apply several attempts in one write (and one commit)."""
+        statements: list[Statement] = []
+        for record in records:
+            statements.extend(_attempt_rows(record))
         await self._submit(statements)
 
     async def retry_now(self, queue_id: str, now: datetime) -> bool:
