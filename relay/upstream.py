@@ -80,11 +80,8 @@ class UpstreamConnection:
         self._dirty = False
         self._transactions = 0
         self._last_used = 0.0
-
-    @property
-    def name(self) -> str:
+        self.name = f"{config.host}:{config.port}"
         """``host:port`` of the smarthost, for logs."""
-        return f"{self._config.host}:{self._config.port}"
 
     @property
     def connected(self) -> bool:
