@@ -88,11 +88,13 @@ class Relay:
             refresh=self.refresh_metrics,
         )
         self.ready = False
+        self.running = False
         self._tasks: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the store, start the workers and both listeners; then be ready."""
         await self.store.open()
+        self.running = True  # from here on, shutdown() has something to undo
         self._tasks = asyncio.create_task(self._run_tasks(), name="relay-tasks")
         await self.http.start()
         await self.smtp.start()
@@ -118,6 +120,9 @@ class Relay:
 
     async def shutdown(self) -> None:
         """Drain: finish what is in flight within the grace period; keep the rest."""
+        if not self.running:
+            return
+        self.running = False
         grace = self.config.server.shutdown_grace_seconds
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -185,8 +190,8 @@ async def serve(config: RelayConfig) -> None:
     relay = Relay(config)
     stop = asyncio.Event()
     with stop_signals(stop):
-        await relay.start()
         try:
+            await relay.start()
             await stop.wait()
         finally:
             await relay.shutdown()

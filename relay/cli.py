@@ -39,6 +39,9 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
     except StorageError as exc:
         click.echo(f"error: store unavailable: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # e.g. a listen address already in use
+        click.echo(f"error: {exc.strerror or exc}", err=True)
+        sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -181,6 +181,9 @@ class Queue:
                 except StorageError as exc:
                     log.warning("queue_poll_failed", error=str(exc))
                     due = []
+                except Exception:
+                    log.exception("queue_poll_crashed")
+                    due = []
                 for message in due:
                     if message.queue_id in self._in_flight:
                         continue
@@ -214,13 +217,12 @@ class Queue:
     async def _record(self, batch: list[AttemptRecord]) -> None:
         try:
             await self._store.record_attempts(batch)
-        except StorageError as exc:
+        except StorageError:
             # The attempts stay unrecorded: those messages will be tried again
             # (a duplicate at worst, never a loss).
-            log.error(
+            log.exception(
                 "attempts_not_recorded",
                 queue_ids=[record.queue_id for record in batch][:20],
-                error=str(exc),
             )
         for record in batch:
             self._in_flight.discard(record.queue_id)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _NULL_SENDER = "<>"
+_MAX_LINE = 998
 _CORE = "smtp"
 
 
@@ -280,7 +281,7 @@ class RelayHandler:
                 reply = replies.bad_address("sender", exc.reason)
                 self._refuse_message(account, "invalid_sender", reply)
                 return reply.render(ref)
-            if not sender.isascii() and not envelope.smtp_utf8:
+            if not address.isascii() and not envelope.smtp_utf8:
                 reply = SmtpReply(
                     553, "5.6.7", "Non-ASCII sender address needs SMTPUTF8"
                 )
@@ -321,7 +322,7 @@ class RelayHandler:
                 replies.bad_address("recipient", exc.reason),
                 ref,
             )
-        if not rcpt.isascii() and not txn.smtputf8:
+        if not address.isascii() and not txn.smtputf8:
             reply = SmtpReply(
                 553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8"
             )
@@ -416,10 +417,21 @@ class RelayHandler:
         """Never confirm or deny addresses (RFC 5321 §3.5.3)."""
         return "252 2.5.0 Cannot VRFY user; send the message and it will be tried"
 
-    async def handle_exception(self, error: Exception) -> str:
-        """Any fault answers 451 4.3.0 without its text (not aiosmtpd's 500 + text)."""
+    def fault(self, session: RelaySession | None, error: Exception) -> str:
+        """A fault in a hook: log it once, end the transaction, answer 451 4.3.0."""
         log.error("smtp_fault", exc_info=error)
-        return replies.INTERNAL_ERROR.render(secrets.token_hex(4))
+        if session is None:
+            return replies.INTERNAL_ERROR.render()
+        if session.transaction is not None:
+            self._end_transaction(
+                session, "deferred", replies.INTERNAL_ERROR, reason="internal_error"
+            )
+        return replies.INTERNAL_ERROR.render(session.session_id)
+
+    def mail_refused_by_protocol(self, session: RelaySession, line: str) -> None:
+        """aiosmtpd refused MAIL FROM itself (SIZE above the limit): count it."""
+        if line.startswith("552"):
+            self._refuse_message(session.account or "-", "too_large", replies.TOO_LARGE)
 
     # -- helpers --------------------------------------------------------------
 
@@ -433,6 +445,13 @@ class RelayHandler:
             return replies.BARE_LINE_ENDING, "bare_line_ending"
         if len(content) > self._settings.max_message_size_bytes:  # pragma: no cover
             return replies.TOO_LARGE, "too_large"
+        # RFC 5321 §4.5.3.1.6: 998 octets plus CRLF. aiosmtpd allows one more on the
+        # wire for a transparency dot, which it has removed by now.
+        if (
+            len(content) > _MAX_LINE
+            and max(map(len, content.split(b"\r\n"))) > _MAX_LINE
+        ):
+            return replies.LINE_TOO_LONG, "line_too_long"
         problem = MessageView.parse(content).problem
         if problem is not None:
             return replies.malformed_message(problem), "malformed_message"

@@ -90,6 +90,22 @@ class RelaySMTP(SMTP):
         finally:
             self._raw_replies = False
 
+    async def handle_exception(self, error: Exception) -> str:
+        """Faults answer 451 4.3.0 naming the session (never aiosmtpd's 500 + text)."""
+        session = self.session if isinstance(self.session, RelaySession) else None
+        reply = self.relay_handler.fault(session, error)
+        if self.envelope is not None and session is not None:
+            # A half-done transaction must not be continued (as RSET does).
+            self.envelope = self._create_envelope()
+        return reply
+
+    async def smtp_MAIL(self, arg: str | None) -> None:  # noqa: N802
+        """Run MAIL; count aiosmtpd's own refusals (SIZE) like the handler's."""
+        await super().smtp_MAIL(arg)
+        session = self.session
+        if isinstance(session, RelaySession) and session.transaction is None:
+            self.relay_handler.mail_refused_by_protocol(session, self.last_reply)
+
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
         """Run DATA; if aiosmtpd refused the data itself, end the transaction too."""
         await super().smtp_DATA(arg)

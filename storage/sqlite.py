@@ -31,7 +31,6 @@ from storage.base import (
     NewMessage,
     QueuedMessage,
     QueueStats,
-    RecipientState,
 )
 from storage.errors import StorageError, StorageFullError, StorageUnavailableError
 
@@ -70,9 +69,9 @@ _INSERT_EVENT = (
     " source, smtp_code, status, detail, bounce_type, dedup_key)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_MESSAGE_COLUMNS = (
-    "queue_id, account, mail_from, received_at, expires_at, next_attempt_at,"
-    " attempts, size_bytes, smtputf8, last_error"
+_MESSAGE_COLUMNS_M = (
+    "m.queue_id, m.account, m.mail_from, m.received_at, m.expires_at,"
+    " m.next_attempt_at, m.attempts, m.size_bytes, m.smtputf8, m.last_error"
 )
 
 Statement = tuple[str, tuple[Any, ...]]
@@ -351,6 +350,8 @@ class SqliteStore:
         except sqlite3.Error as exc:
             log.exception("storage_write_failed", batch=len(batch))
             raise _translate(exc) from exc
+        except ValueError as exc:  # aiosqlite: the connection is closed
+            raise StorageUnavailableError(f"sqlite: {exc}") from exc
 
     # -- QueueStore -----------------------------------------------------------
 
@@ -406,29 +407,25 @@ class SqliteStore:
                     return list(await cur.fetchall())
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
+        except ValueError as exc:  # aiosqlite: the connection is closed
+            raise StorageUnavailableError(f"sqlite: {exc}") from exc
         except TimeoutError as exc:
             raise StorageUnavailableError("store read timed out") from exc
 
     async def _messages(
-        self, where: str, params: tuple[Any, ...]
+        self, select: str, order: str, params: tuple[Any, ...]
     ) -> list[QueuedMessage]:
+        # One statement, so one snapshot: a message and its pending recipients
+        # are read together even while the writer commits. ``select`` picks the
+        # messages (indexed, limited) before the join.
         rows = await self._fetch(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where}",  # noqa: S608 (fixed text)
+            f"SELECT {_MESSAGE_COLUMNS_M}, group_concat(r.address, char(31))"  # noqa: S608
+            f" FROM (SELECT * FROM messages {select}) m JOIN recipients r"
+            " ON r.queue_id = m.queue_id AND r.state = 'pending'"
+            f" GROUP BY m.queue_id ORDER BY {order}",
             params,
         )
-        if not rows:
-            return []
-        ids = [row[0] for row in rows]
-        pending: dict[str, list[str]] = {qid: [] for qid in ids}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for qid, address in await self._fetch(
-                f"SELECT queue_id, address FROM recipients WHERE state = 'pending'"  # noqa: S608
-                f" AND queue_id IN ({marks})",
-                chunk,
-            ):
-                pending[qid].append(address)
+        pending = {row[0]: tuple(row[10].split("\x1f")) for row in rows}
         return [
             QueuedMessage(
                 queue_id=row[0],
@@ -450,6 +447,7 @@ class SqliteStore:
         """Messages due for an attempt, the longest-waiting first."""
         return await self._messages(
             "WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            "m.next_attempt_at",
             (_ts(now), limit),
         )
 
@@ -462,11 +460,13 @@ class SqliteStore:
 
     async def list_messages(self, limit: int = 1000) -> list[QueuedMessage]:
         """Queued messages, oldest first."""
-        return await self._messages("ORDER BY received_at LIMIT ?", (limit,))
+        return await self._messages(
+            "ORDER BY received_at LIMIT ?", "m.received_at", (limit,)
+        )
 
     async def get_message(self, queue_id: str) -> QueuedMessage | None:
         """One queued message."""
-        found = await self._messages("WHERE queue_id = ?", (queue_id,))
+        found = await self._messages("WHERE queue_id = ?", "m.queue_id", (queue_id,))
         return found[0] if found else None
 
     async def stats(self) -> QueueStats:

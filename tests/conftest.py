@@ -89,8 +89,7 @@ async def start_relay(
 
     yield start
     for relay in started:
-        if relay.ready or relay.handler.connections:
-            await relay.shutdown()
+        await relay.shutdown()
 
 
 @pytest.fixture

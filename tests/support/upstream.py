@@ -37,6 +37,8 @@ class CaptureUpstream:
     data_reply: str | None = None
     """Reply to DATA for every message except null-sender ones (DSNs get through)."""
     connections: int = 0
+    authenticator: Callable[..., Any] | None = None
+    """An aiosmtpd authenticator; when set, AUTH is offered over cleartext."""
     commands: list[str] = field(default_factory=list)
     _server: asyncio.AbstractServer | None = None
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -57,6 +59,8 @@ class CaptureUpstream:
                 enable_SMTPUTF8=True,
                 hostname="upstream.test",
                 loop=loop,
+                authenticator=self.authenticator,
+                auth_require_tls=False,
             ),
             host=self.host,
             port=self.port,
@@ -100,9 +104,7 @@ class CaptureUpstream:
 
 
 class _CountingSMTP(SMTP):
-    def __init__(
-        self, owner: CaptureUpstream, handler: object, **kwargs: Any
-    ) -> None:
+    def __init__(self, owner: CaptureUpstream, handler: object, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         owner.connections += 1
         self._owner = owner
