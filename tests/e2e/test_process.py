@@ -275,3 +275,43 @@ def test_serve_refuses_to_start_on_invalid_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "queue.max_lifetime" in result.stderr
+
+
+async def test_json_logs_have_one_line_per_transaction_and_attempt_without_secrets(
+    tmp_path: Path, ports: tuple[int, int, int]
+) -> None:
+    smtp_port, http_port, upstream_port = ports
+    upstream = CaptureUpstream(port=upstream_port)
+    await upstream.start()
+    relay = RelayProcess(
+        write_config(tmp_path, smtp_port, http_port, upstream_port),
+        http_port,
+        smtp_port,
+    )
+    await relay.start()
+    try:
+        reply = await _submit(smtp_port)
+        await upstream.wait_for(1)
+        relay.signal(signal.SIGINT)  # SIGINT drains like SIGTERM
+        assert await relay.wait() == 0
+    finally:
+        relay.stop()
+        await upstream.stop()
+    queue_id = reply.rsplit(" ", 1)[1]
+    lines = relay.log_lines()
+    (txn,) = [line for line in lines if line["event"] == "transaction_completed"]
+    assert txn["queue_id"] == queue_id
+    assert txn["account"] == ACCOUNT
+    assert txn["peer_ip"] == "127.0.0.1"
+    assert txn["rcpt_count"] == 1
+    assert txn["outcome"] == "accepted"
+    assert txn["smtp_code"] == 250
+    assert isinstance(txn["size_bytes"], int)
+    assert isinstance(txn["session_id"], str)
+    (attempt,) = [line for line in lines if line["event"] == "delivery_attempted"]
+    assert attempt["queue_id"] == queue_id
+    assert attempt["outcome"] == "delivered"
+    text = relay.log.read_text()
+    assert PASSWORD not in text
+    assert "this is a test" not in text  # the body
+    assert "jane@example.org" not in text  # full addresses only at debug
