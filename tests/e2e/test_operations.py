@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -67,7 +68,7 @@ async def test_health_and_readiness(relay_server: Relay) -> None:
 
 
 async def test_queue_cli_lists_retries_and_deletes(
-    start_relay: StartRelay, upstream: CaptureUpstream
+    start_relay: StartRelay, upstream: CaptureUpstream, tmp_path: Path
 ) -> None:
     port = upstream.port
     await upstream.stop()
@@ -77,40 +78,40 @@ async def test_queue_cli_lists_retries_and_deletes(
     _, reply2 = await smtp.sendmail("news@acme.example", ["b@example.org"], message())
     await smtp.quit()
     first, second = reply1.rsplit(" ", 1)[1], reply2.rsplit(" ", 1)[1]
-    config = relay.config.storage.sqlite_path
-    toml = f'[storage]\nurl = "sqlite:///{config}"\n'
+    toml = tmp_path / "cli.toml"
+    toml.write_text(
+        f'[storage]\nurl = "sqlite:///{relay.config.storage.sqlite_path}"\n',
+        encoding="utf-8",
+    )
     runner = CliRunner()
 
     def cli(*args: str):  # type: ignore[no-untyped-def]
         # The CLI runs its own event loop: call it from a thread.
-        return asyncio.to_thread(runner.invoke, main, list(args))
+        return asyncio.to_thread(runner.invoke, main, [*args, "-c", str(toml)])
 
-    with runner.isolated_filesystem():
-        with open("relay.toml", "w", encoding="utf-8") as fh:
-            fh.write(toml)
-        listed = await cli("queue", "list", "--json")
-        assert listed.exit_code == 0, listed.output
-        rows = [json.loads(line) for line in listed.output.splitlines()]
-        assert {row["queue_id"] for row in rows} == {first, second}
-        assert all(row["attempts"] >= 1 and row["last_error"] for row in rows)
+    listed = await cli("queue", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.output.splitlines()]
+    assert {row["queue_id"] for row in rows} == {first, second}
+    assert all(row["attempts"] >= 1 and row["last_error"] for row in rows)
 
-        table = await cli("queue", "list")
-        assert first in table.output and "2 message(s)" in table.output
+    table = await cli("queue", "list")
+    assert first in table.output and "2 message(s)" in table.output
 
-        deleted = await cli("queue", "delete", second)
-        assert deleted.exit_code == 0
-        assert (await cli("queue", "delete", second)).exit_code == 1
+    deleted = await cli("queue", "delete", second)
+    assert deleted.exit_code == 0
+    assert (await cli("queue", "delete", second)).exit_code == 1
 
-        revived = CaptureUpstream(port=port)
-        await revived.start()
-        try:
-            retried = await cli("queue", "retry", first)
-            assert retried.exit_code == 0, retried.output
-            (got,) = await revived.wait_for(1)
-            assert got.rcpt_tos == ["a@example.org"]
-        finally:
-            await revived.stop()
-        assert (await cli("queue", "retry", "NOSUCHID")).exit_code == 1
+    revived = CaptureUpstream(port=port)
+    await revived.start()
+    try:
+        retried = await cli("queue", "retry", first)
+        assert retried.exit_code == 0, retried.output
+        (got,) = await revived.wait_for(1)
+        assert got.rcpt_tos == ["a@example.org"]
+    finally:
+        await revived.stop()
+    assert (await cli("queue", "retry", "NOSUCHID")).exit_code == 1
 
 
 async def test_upstream_auth_is_used_when_configured(start_relay: StartRelay) -> None:
