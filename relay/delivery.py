@@ -160,6 +160,16 @@ class Delivery:
                 RecipientOutcome(rcpt, Outcome.TEMPORARY, None, "4.4.1", str(exc))
                 for rcpt in job.recipients
             ]
+        except Exception:  # noqa: BLE001 - worker boundary: a fault is a failed try
+            # Counted as an attempt so that the schedule and the expiry still apply.
+            log.exception("delivery_fault", queue_id=job.queue_id)
+            await connection.close()
+            outcomes = [
+                RecipientOutcome(
+                    rcpt, Outcome.TEMPORARY, None, "4.3.0", "internal error"
+                )
+                for rcpt in job.recipients
+            ]
         duration = time.monotonic() - started
         self._metrics.delivery_duration_seconds.observe(duration)
         record, result = self._judge(job, outcomes, content, attempt)

@@ -96,6 +96,10 @@ class Queue:
         self._jobs: asyncio.Queue[Job] = asyncio.Queue(maxsize=capacity)
         self._results: asyncio.Queue[AttemptRecord] = asyncio.Queue()
         self._in_flight: set[str] = set()
+        # Lease ends, numbered: a poll that read the store before a lease ended
+        # must not re-lease that message from its (now stale) snapshot.
+        self._lease_epoch = 0
+        self._ended: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -174,23 +178,28 @@ class Queue:
         while True:
             room = self._jobs.maxsize - self._jobs.qsize()
             if room > 0 and not self._stopping:
+                started = self._lease_epoch
                 try:
                     due = await self._store.due(
                         self._clock.now(), room + len(self._in_flight)
                     )
                 except StorageError as exc:
+                    self._metrics.storage_errors_total.labels("poll").inc()
                     log.warning("queue_poll_failed", error=str(exc))
                     due = []
-                except Exception:
+                except Exception:  # noqa: BLE001 - delivery loop boundary: keep polling
                     log.exception("queue_poll_crashed")
                     due = []
                 for message in due:
                     if message.queue_id in self._in_flight:
                         continue
+                    if self._ended.get(message.queue_id, 0) > started:
+                        continue  # its lease ended after our snapshot was taken
                     if not message.recipients:
                         continue
                     if not self._offer(Job.from_queued(message)):
                         break
+                self._ended = {q: e for q, e in self._ended.items() if e > started}
             self._wake.clear()
             try:
                 async with asyncio.timeout(self._config.poll_interval_seconds):
@@ -212,19 +221,31 @@ class Queue:
         while not self._results.empty():
             batch.append(self._results.get_nowait())
         if batch:
-            await self._record(batch)
+            await self._record(batch, retry=False)
 
-    async def _record(self, batch: list[AttemptRecord]) -> None:
-        try:
-            await self._store.record_attempts(batch)
-        except StorageError:
-            # The attempts stay unrecorded: those messages will be tried again
-            # (a duplicate at worst, never a loss).
-            log.exception(
-                "attempts_not_recorded",
-                queue_ids=[record.queue_id for record in batch][:20],
-            )
+    async def _record(self, batch: list[AttemptRecord], *, retry: bool = True) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._store.record_attempts(batch)
+                break
+            except StorageError as exc:
+                self._metrics.storage_errors_total.labels("record").inc()
+                log.warning(
+                    "attempts_not_recorded",
+                    queue_ids=[record.queue_id for record in batch][:20],
+                    error=str(exc),
+                    retry_in_seconds=delay if retry else None,
+                )
+                if not retry:
+                    break
+                # Keep the leases: releasing them now would let the poller send
+                # the same messages again while the store cannot record anything.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self._lease_epoch += 1
         for record in batch:
             self._in_flight.discard(record.queue_id)
+            self._ended[record.queue_id] = self._lease_epoch
         if any(record.followups for record in batch):
             self._wake.set()

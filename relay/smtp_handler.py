@@ -373,14 +373,15 @@ class RelayHandler:
         )
         try:
             await self._queue.enqueue(message)
-        except StorageFullError:
+        except StorageFullError as exc:
             self._metrics.storage_errors_total.labels("full").inc()
             return self._store_failed(
-                session, account, "storage_full", replies.STORAGE_FULL, content
+                exc, session, account, "storage_full", replies.STORAGE_FULL, content
             )
-        except StorageUnavailableError:
+        except StorageUnavailableError as exc:
             self._metrics.storage_errors_total.labels("unavailable").inc()
             return self._store_failed(
+                exc,
                 session,
                 account,
                 "storage_unavailable",
@@ -478,13 +479,14 @@ class RelayHandler:
 
     def _store_failed(
         self,
+        exc: Exception,
         session: RelaySession,
         account: str,
         reason: str,
         reply: SmtpReply,
         content: bytes,
     ) -> str:
-        log.error("message_not_queued", reason=reason)
+        log.error("message_not_queued", reason=reason, error=str(exc))
         self._refuse_message(account, reason, reply)
         self._end_transaction(
             session, "deferred", reply, size=len(content), reason=reason

@@ -30,7 +30,7 @@ _CALL_LIMITS = {
     "EHLO": 50,
     "HELO": 50,
     "STARTTLS": 2,
-    "NOOP": 1000,
+    "NOOP": 1_000_000,
     "RSET": 1_000_000,
     "MAIL": 1_000_000,
     "RCPT": 10_000_000,

@@ -9,6 +9,7 @@ replaced before a message is risked on it.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Sequence
@@ -20,10 +21,12 @@ import structlog
 
 from config.models import UpstreamConfig, UpstreamScheme
 from relay.errors import UpstreamTimeoutError, UpstreamUnavailableError
+from relay.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
 _IDLE_PROBE_SECONDS = 2.0
+_QUIT_TIMEOUT_SECONDS = 1.0
 
 
 class Outcome(StrEnum):
@@ -73,8 +76,14 @@ def _clean(text: str) -> str:
 class UpstreamConnection:
     """A lazily opened, reused SMTP client connection to ``[upstream]``."""
 
-    def __init__(self, config: UpstreamConfig, local_hostname: str) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        local_hostname: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._config = config
+        self._metrics = metrics
         self._local_hostname = config.helo_name or local_hostname
         self._client: aiosmtplib.SMTP | None = None
         self._dirty = False
@@ -99,8 +108,10 @@ class UpstreamConnection:
             return
         try:
             if client.is_connected:
-                await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
+                # A polite QUIT, but never worth more than a moment at shutdown.
+                async with asyncio.timeout(_QUIT_TIMEOUT_SECONDS):
+                    await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
             pass
         finally:
             client.close()
@@ -113,6 +124,17 @@ class UpstreamConnection:
         return context
 
     async def _connect(self) -> aiosmtplib.SMTP:
+        try:
+            client = await self._open()
+        except (UpstreamUnavailableError, UpstreamTimeoutError):
+            if self._metrics is not None:
+                self._metrics.upstream_connections_total.labels("failed").inc()
+            raise
+        if self._metrics is not None:
+            self._metrics.upstream_connections_total.labels("ok").inc()
+        return client
+
+    async def _open(self) -> aiosmtplib.SMTP:
         cfg = self._config
         client = aiosmtplib.SMTP(
             hostname=cfg.host,
@@ -190,14 +212,23 @@ class UpstreamConnection:
             return await self._transaction(
                 client, mail_from, recipients, content, smtputf8
             )
-        except aiosmtplib.SMTPServerDisconnected:
+        except aiosmtplib.SMTPServerDisconnected as exc:
             if not reused:
-                raise
+                raise UpstreamUnavailableError(
+                    f"upstream {self.name} closed the connection at MAIL"
+                ) from exc
         # A reused connection died under us before the message was offered: the
         # server closed it while idle. Reconnect once.
         self._client = None
         client, _ = await self._ready_client()
-        return await self._transaction(client, mail_from, recipients, content, smtputf8)
+        try:
+            return await self._transaction(
+                client, mail_from, recipients, content, smtputf8
+            )
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise UpstreamUnavailableError(
+                f"upstream {self.name} closed the connection at MAIL"
+            ) from exc
 
     async def _transaction(
         self,
@@ -221,7 +252,7 @@ class UpstreamConnection:
             try:
                 await client.mail(mail_from, options=options, encoding=encoding)
             except aiosmtplib.SMTPSenderRefused as exc:
-                return self._all(recipients, exc.code, exc.message)
+                return self._all(recipients, exc.code, exc.message, refused=True)
             stage = "RCPT"
             outcomes: dict[str, RecipientOutcome] = {}
             accepted: list[str] = []
@@ -230,14 +261,16 @@ class UpstreamConnection:
                     await client.rcpt(rcpt, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
-                    outcomes[rcpt] = self._one(rcpt, exc.code, exc.message)
+                    outcomes[rcpt] = self._one(
+                        rcpt, exc.code, exc.message, refused=True
+                    )
             if accepted:
                 stage = "DATA"
                 try:
                     response = await client.data(content)
                     done = self._all(accepted, response.code, response.message)
                 except aiosmtplib.SMTPDataError as exc:
-                    done = self._all(accepted, exc.code, exc.message)
+                    done = self._all(accepted, exc.code, exc.message, refused=True)
                 else:
                     self._dirty = False
                 outcomes.update((o.address, o) for o in done)
@@ -262,12 +295,24 @@ class UpstreamConnection:
         self._client = None
 
     @staticmethod
-    def _one(address: str, code: int | None, message: str) -> RecipientOutcome:
+    def _one(
+        address: str, code: int | None, message: str, *, refused: bool = False
+    ) -> RecipientOutcome:
         status, text = _enhanced(code, _clean(message))
         outcome = _classify(code) if code is not None else Outcome.TEMPORARY
+        if refused and outcome is Outcome.DELIVERED:
+            # aiosmtplib refuses replies it does not expect (252 to RCPT, a 2xx
+            # other than 354 to DATA): nothing was accepted, so try again later.
+            outcome = Outcome.TEMPORARY
+            status = "4.5.0"
         return RecipientOutcome(address, outcome, code, status, text)
 
     def _all(
-        self, recipients: Sequence[str], code: int | None, message: str
+        self,
+        recipients: Sequence[str],
+        code: int | None,
+        message: str,
+        *,
+        refused: bool = False,
     ) -> list[RecipientOutcome]:
-        return [self._one(rcpt, code, message) for rcpt in recipients]
+        return [self._one(rcpt, code, message, refused=refused) for rcpt in recipients]

@@ -86,6 +86,10 @@ class _Write:
     custom: Custom | None
     done: asyncio.Future[Any]
     result: Any = field(default=None)
+    started: bool = False
+    """Taken into a transaction: from now on its outcome is the commit's."""
+    abandoned: bool = False
+    """The caller gave up before it started: it must never be applied."""
 
 
 def _ts(moment: datetime) -> float:
@@ -100,7 +104,7 @@ def _translate(exc: sqlite3.Error) -> StorageError:
     code = getattr(exc, "sqlite_errorcode", None)
     if code == sqlite3.SQLITE_FULL:
         return StorageFullError("database or disk is full")
-    return StorageUnavailableError(f"sqlite: {type(exc).__name__}")
+    return StorageUnavailableError(f"sqlite: {exc}")
 
 
 def _message_rows(message: NewMessage) -> list[Statement]:
@@ -221,8 +225,10 @@ class SqliteStore:
     async def close(self) -> None:
         """Finish queued writes, stop the writer, close the connections."""
         if self._writer_task is not None:
-            # Let writes already queued commit before stopping.
-            await self._pending.join()
+            # Let writes already queued commit before stopping (bounded).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout):
+                    await self._pending.join()
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer_task
@@ -280,17 +286,26 @@ class SqliteStore:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(write.done)
         except TimeoutError as exc:
+            if write.started:
+                # Already inside a transaction: answering "failed" now could be
+                # untrue (it may still commit), so its commit decides.
+                return await write.done
+            write.abandoned = True
             raise StorageUnavailableError("store write timed out") from exc
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._pending.get()]
-            while len(batch) < _MAX_BATCH and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
+            taken = [await self._pending.get()]
+            while len(taken) < _MAX_BATCH and not self._pending.empty():
+                taken.append(self._pending.get_nowait())
+            batch = [write for write in taken if not write.abandoned]
+            for write in batch:
+                write.started = True
             try:
-                await self._commit(batch)
+                if batch:
+                    await self._commit(batch)
             finally:
-                for _ in batch:
+                for _ in taken:
                     self._pending.task_done()
 
     async def _commit(self, batch: list[_Write]) -> None:
@@ -348,7 +363,6 @@ class SqliteStore:
                     await db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            log.exception("storage_write_failed", batch=len(batch))
             raise _translate(exc) from exc
         except ValueError as exc:  # aiosqlite: the connection is closed
             raise StorageUnavailableError(f"sqlite: {exc}") from exc
