@@ -181,3 +181,69 @@ async def test_message_queued_before_start_is_delivered_on_start(
         assert got.rcpt_tos == ["jane@example.org"]
     finally:
         await revived.stop()
+
+
+async def test_unexpected_2xx_to_rcpt_is_retried_not_counted_as_delivered(
+    relay_server: Relay, upstream: CaptureUpstream
+) -> None:
+    """aiosmtplib refuses a 252; the recipient got nothing, so it must be retried."""
+    upstream.rcpt_replies["jane@example.org"] = [
+        "252 2.1.5 cannot verify",
+        "250 2.1.5 ok",
+    ]
+    queue_id = await _send(relay_server, ["jane@example.org"])
+    (got,) = await upstream.wait_for(1)
+    assert got.rcpt_tos == ["jane@example.org"]
+
+    async def gone() -> bool:
+        return await relay_server.store.get_message(queue_id) is None
+
+    await _until(gone)
+    assert (
+        relay_server.metrics.registry.get_sample_value(
+            "relay_delivery_attempts_total", {"result": "deferred"}
+        )
+        == 1
+    )
+
+
+async def test_upstream_dropping_the_connection_at_mail_is_retried_then_expires(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    """A smarthost that hangs up at MAIL: temporary failures, then a soft bounce."""
+
+    async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 rude.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith((b"EHLO", b"HELO")):
+                writer.write(b"250 rude.test\r\n")
+                await writer.drain()
+                continue
+            break  # MAIL (or anything else): hang up
+        writer.close()
+
+    server = await asyncio.start_server(rude, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        relay = await start_relay(
+            {
+                "upstream": {"url": f"smtp://127.0.0.1:{port}"},
+                "queue": {"max_lifetime": "1s", "retry_schedule": ["150ms"]},
+            }
+        )
+        queue_id = await _send(relay, ["jane@example.org"])
+
+        async def expired() -> bool:
+            return bool(await relay.store.events(EventKind.BOUNCE))
+
+        await _until(expired)
+        (event,) = await relay.store.events(EventKind.BOUNCE)
+        assert (event.queue_id, event.bounce_type) == (queue_id, BounceType.SOFT)
+        deferred = relay.metrics.registry.get_sample_value(
+            "relay_delivery_attempts_total", {"result": "deferred"}
+        )
+        assert deferred is not None
+        assert deferred >= 2
+    finally:
+        server.close()
+        await server.wait_closed()
