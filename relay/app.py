@@ -89,6 +89,9 @@ class Relay:
         )
         self.ready = False
         self.running = False
+        self.failed = False
+        self.stop_requested = asyncio.Event()
+        """Set by SIGTERM/SIGINT, or when a background task died."""
         self._tasks: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -96,9 +99,10 @@ class Relay:
         await self.store.open()
         self.running = True  # from here on, shutdown() has something to undo
         self._tasks = asyncio.create_task(self._run_tasks(), name="relay-tasks")
+        self._tasks.add_done_callback(self._tasks_ended)
         await self.http.start()
         await self.smtp.start()
-        self.ready = True
+        self.ready = not self.failed
         stats = await self.store.stats()
         log.info(
             "relay_started",
@@ -117,6 +121,17 @@ class Relay:
                 group.create_task(
                     self.delivery.run_worker(number), name=f"worker-{number}"
                 )
+
+    def _tasks_ended(self, task: asyncio.Task[None]) -> None:
+        """The poller, recorder and workers never end while running: if they do,
+        nothing would be delivered while SMTP still says 250, so stop instead."""
+        if task.cancelled() or not self.running:
+            return
+        error = task.exception()
+        log.critical("relay_tasks_failed", exc_info=error)
+        self.failed = True
+        self.ready = False
+        self.stop_requested.set()
 
     async def shutdown(self) -> None:
         """Drain: finish what is in flight within the grace period; keep the rest."""
@@ -148,7 +163,8 @@ class Relay:
                 async with asyncio.timeout_at(max(deadline, loop.time() + 0.1)):
                     await self.delivery.wait_idle()
             self._tasks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A failure of these tasks was logged by _tasks_ended already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._tasks
             self._tasks = None
         await self.queue.drain_results()
@@ -185,13 +201,13 @@ def stop_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def serve(config: RelayConfig) -> None:
-    """Run the relay until SIGTERM or SIGINT, then drain and return."""
+async def serve(config: RelayConfig) -> bool:
+    """Run the relay until SIGTERM or SIGINT, then drain; False if it failed."""
     relay = Relay(config)
-    stop = asyncio.Event()
-    with stop_signals(stop):
+    with stop_signals(relay.stop_requested):
         try:
             await relay.start()
-            await stop.wait()
+            await relay.stop_requested.wait()
         finally:
             await relay.shutdown()
+    return not relay.failed

@@ -71,7 +71,8 @@ def serve(config_path: str) -> None:
     from relay.logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
-    _run(lambda: run_relay(config))
+    if not _run(lambda: run_relay(config)):
+        sys.exit(1)
 
 
 @main.command("check-config")

@@ -160,7 +160,7 @@ class Delivery:
                 RecipientOutcome(rcpt, Outcome.TEMPORARY, None, "4.4.1", str(exc))
                 for rcpt in job.recipients
             ]
-        except Exception:  # noqa: BLE001 - worker boundary: a fault is a failed try
+        except Exception:
             # Counted as an attempt so that the schedule and the expiry still apply.
             log.exception("delivery_fault", queue_id=job.queue_id)
             await connection.close()

@@ -187,7 +187,7 @@ class Queue:
                     self._metrics.storage_errors_total.labels("poll").inc()
                     log.warning("queue_poll_failed", error=str(exc))
                     due = []
-                except Exception:  # noqa: BLE001 - delivery loop boundary: keep polling
+                except Exception:
                     log.exception("queue_poll_crashed")
                     due = []
                 for message in due:

@@ -10,10 +10,11 @@ import aiohttp
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from click.testing import CliRunner
 
+from config import parse_config
 from relay.app import Relay
 from relay.cli import main
 from storage.base import EventKind
-from tests.conftest import StartRelay, client, message
+from tests.conftest import StartRelay, client, config_dict, message
 from tests.support.upstream import CaptureUpstream
 
 
@@ -158,5 +159,27 @@ async def test_no_dsn_when_disabled(
             await asyncio.sleep(0.02)
     (event,) = await relay.store.events(EventKind.BOUNCE)
     assert event.recipient == "gone@example.org"
+    async with asyncio.timeout(10):  # the delivered message's result commits too
+        while await relay.store.list_messages():
+            await asyncio.sleep(0.02)
     assert relay.metrics.registry.get_sample_value("relay_dsn_generated_total") == 0
-    assert await relay.store.list_messages() == []
+    assert upstream.to("news@acme.example") == []  # no DSN came back
+
+
+async def test_a_dead_delivery_task_stops_the_relay_instead_of_queueing_forever(
+    tmp_path: Path, upstream: CaptureUpstream
+) -> None:
+    relay = Relay(parse_config(config_dict(tmp_path / "relay.db", upstream.url)))
+
+    async def broken_worker(number: int) -> None:
+        raise RuntimeError("worker bug")
+
+    relay.delivery.run_worker = broken_worker  # type: ignore[method-assign]
+    await relay.start()
+    try:
+        async with asyncio.timeout(10):
+            await relay.stop_requested.wait()
+        assert relay.failed
+        assert not relay.ready
+    finally:
+        await relay.shutdown()
