@@ -8,6 +8,7 @@ Secrets are ``SecretStr``; the loader resolves ``*_env`` keys before validation.
 from __future__ import annotations
 
 import re
+import ssl
 from datetime import date
 from enum import StrEnum
 from typing import Any
@@ -110,6 +111,16 @@ class ServerConfig(_Section):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.require_tls and self.tls_cert_file is None:
             raise ValueError("require_tls needs tls_cert_file and tls_key_file")
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            # Load them now, so that check-config finds what serve would.
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert_file, self.tls_key_file
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"cannot load tls_cert_file/tls_key_file: {exc.strerror or exc}"
+                ) from exc
         return self
 
 
@@ -192,6 +203,11 @@ class UpstreamConfig(_Section):
             )
         if not parts.hostname:
             raise ValueError(f"{value!r} names no host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "put credentials in username and password (or password_env), "
+                "not in the URL"
+            )
         try:
             _ = parts.port
         except ValueError as exc:

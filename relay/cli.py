@@ -228,7 +228,8 @@ def queue_retry(queue_id: str, config_path: str) -> None:
     help=_CONFIG_HELP,
 )
 def queue_delete(queue_id: str, config_path: str) -> None:
-    """Remove QUEUE_ID from the queue without delivering it (no DSN is sent)."""
+    """Remove QUEUE_ID from the queue undelivered (no DSN; an attempt already
+    under way still completes)."""
     config = _load(config_path)
 
     async def run() -> bool:

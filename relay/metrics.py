@@ -56,6 +56,13 @@ class Metrics:
         self.smtp_sessions_active = Gauge(
             "relay_smtp_sessions_active", "SMTP sessions open now.", registry=r
         )
+        self.smtp_protocol_errors_total = Counter(
+            "relay_smtp_protocol_errors_total",
+            "Commands refused by the SMTP protocol layer (syntax, sequence, TLS), "
+            "by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.auth_attempts_total = Counter(
             "relay_auth_attempts_total",
             "SMTP AUTH attempts by result (success, failure, locked_out).",

@@ -162,3 +162,32 @@ def with_enhanced_code(line: str) -> str:
     status = _DEFAULT_STATUS.get(code) or _DEFAULT_STATUS.get(code // 100) or "5.0.0"
     text = line[4:].removeprefix("Error: ") or "Error"
     return f"{code} {status} {text}"
+
+
+# aiosmtpd's own refusals that no relay hook sees, by prefix, as bounded reasons
+# for the protocol-error log line and metric (size and line-length refusals are
+# counted with the transaction instead).
+_PROTOCOL_ERRORS: tuple[tuple[str, str], ...] = (
+    ("500 Error: bad syntax", "syntax_error"),
+    ("500 Error: command", "unknown_command"),
+    ("500 Command line too long", "command_too_long"),
+    ("500 Error: strict ASCII mode", "non_ascii_command"),
+    ("501 ", "syntax_error"),
+    ("502 5.5.1 Too many unrecognized", "too_many_unknown_commands"),
+    ("502 ", "not_implemented"),
+    ("503 ", "bad_sequence"),
+    ("504 ", "unknown_auth_mechanism"),
+    ("530 Must issue a STARTTLS", "starttls_required"),
+    ("538 ", "auth_needs_tls"),
+    ("554 Command refused due to lack of security", "tls_failed"),
+    ("555 ", "bad_parameters"),
+    ("421 4.7.0 ", "command_limit"),
+)
+
+
+def protocol_error_reason(line: str) -> str | None:
+    """The reason for one of aiosmtpd's own error replies, or ``None``."""
+    for prefix, reason in _PROTOCOL_ERRORS:
+        if line.startswith(prefix):
+            return reason
+    return None

@@ -429,6 +429,11 @@ class RelayHandler:
             )
         return replies.INTERNAL_ERROR.render(session.session_id)
 
+    def protocol_error(self, reason: str, line: str) -> None:
+        """aiosmtpd refused a command itself: a log line and a metric."""
+        self._metrics.smtp_protocol_errors_total.labels(reason).inc()
+        log.info("command_refused", reason=reason, smtp_code=int(line[:3]))
+
     def mail_refused_by_protocol(self, session: RelaySession, line: str) -> None:
         """aiosmtpd refused MAIL FROM itself (SIZE above the limit): count it."""
         if line.startswith("552"):

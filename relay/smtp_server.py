@@ -17,7 +17,7 @@ import structlog
 from aiosmtpd.smtp import SMTP
 
 from config.models import ServerConfig
-from relay.replies import SmtpReply, with_enhanced_code
+from relay.replies import SmtpReply, protocol_error_reason, with_enhanced_code
 from relay.smtp_handler import RelayHandler, RelaySession
 
 log = structlog.get_logger(__name__)
@@ -70,6 +70,9 @@ class RelaySMTP(SMTP):
             await super().push(status)
             return
         if not self._raw_replies:
+            reason = protocol_error_reason(status)
+            if reason is not None:
+                self.relay_handler.protocol_error(reason, status)
             status = with_enhanced_code(status)
         self.last_reply = status
         await super().push(status)

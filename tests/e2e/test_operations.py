@@ -15,6 +15,7 @@ from relay.app import Relay
 from relay.cli import main
 from storage.base import EventKind
 from tests.conftest import StartRelay, client, config_dict, message
+from tests.support.smtp import RawClient
 from tests.support.upstream import CaptureUpstream
 
 
@@ -183,3 +184,18 @@ async def test_a_dead_delivery_task_stops_the_relay_instead_of_queueing_forever(
         assert not relay.ready
     finally:
         await relay.shutdown()
+
+
+async def test_protocol_refusals_are_counted(start_relay: StartRelay) -> None:
+    relay = await start_relay({"server": {"allow_cleartext_auth": False}})
+    raw = await RawClient.connect("127.0.0.1", relay.smtp.port)
+    try:
+        await raw.cmd("EHLO raw.test")
+        assert (await raw.cmd("AUTH PLAIN AGFjbWUAeA==")).startswith("538 5.7.11")
+        assert (await raw.cmd("BOGUS")).startswith("500 5.5.1")
+        assert (await raw.cmd("RCPT TO:<a@example.org>")).startswith("503 5.5.1")
+    finally:
+        await raw.close()
+    sample = relay.metrics.registry.get_sample_value
+    for reason in ("auth_needs_tls", "unknown_command", "bad_sequence"):
+        assert sample("relay_smtp_protocol_errors_total", {"reason": reason}) == 1
