@@ -69,10 +69,11 @@ class RelaySMTP(SMTP):
         if isinstance(status, bytes):
             await super().push(status)
             return
-        if not self._raw_replies:
+        if not self._raw_replies and status[:1] in ("4", "5"):
             reason = protocol_error_reason(status)
             if reason is not None:
                 self.relay_handler.protocol_error(reason, status)
+        if not self._raw_replies:
             status = with_enhanced_code(status)
         self.last_reply = status
         await super().push(status)

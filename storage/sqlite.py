@@ -56,14 +56,7 @@ _UPDATE_MESSAGE = (
     "UPDATE messages SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
     " WHERE queue_id = ?"
 )
-_DELETE_DONE_MESSAGE = (
-    "DELETE FROM messages WHERE queue_id = ? AND NOT EXISTS"
-    " (SELECT 1 FROM recipients WHERE queue_id = ? AND state = 'pending')"
-)
-_DELETE_ORPHAN_RECIPIENTS = (
-    "DELETE FROM recipients WHERE queue_id = ? AND NOT EXISTS"
-    " (SELECT 1 FROM messages WHERE queue_id = ?)"
-)
+_DELETE_MESSAGE = "DELETE FROM messages WHERE queue_id = ?"
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (kind, account, recipient, queue_id, occurred_at,"
     " source, smtp_code, status, detail, bounce_type, dedup_key)"
@@ -151,26 +144,34 @@ def _event_row(event: Event) -> Statement:
 
 
 def _attempt_rows(record: AttemptRecord) -> list[Statement]:
-    attempted = _ts(record.attempted_at)
-    statements: list[Statement] = [
-        (
-            _UPDATE_RECIPIENT,
+    statements: list[Statement]
+    if record.next_attempt_at is None:
+        # Nothing left pending: the message leaves the queue (its recipient rows
+        # with it, by trigger); what needs keeping is in the events.
+        statements = [(_DELETE_MESSAGE, (record.queue_id,))]
+    else:
+        attempted = _ts(record.attempted_at)
+        statements = [
             (
-                result.state.value,
-                result.smtp_code,
-                result.status,
-                result.detail,
-                attempted,
-                record.queue_id,
-                result.address,
-            ),
+                _UPDATE_RECIPIENT,
+                (
+                    result.state.value,
+                    result.smtp_code,
+                    result.status,
+                    result.detail,
+                    attempted,
+                    record.queue_id,
+                    result.address,
+                ),
+            )
+            for result in record.results
+        ]
+        statements.append(
+            (
+                _UPDATE_MESSAGE,
+                (_ts(record.next_attempt_at), record.last_error, record.queue_id),
+            )
         )
-        for result in record.results
-    ]
-    next_at = _ts(record.next_attempt_at) if record.next_attempt_at else attempted
-    statements.append((_UPDATE_MESSAGE, (next_at, record.last_error, record.queue_id)))
-    statements.append((_DELETE_DONE_MESSAGE, (record.queue_id, record.queue_id)))
-    statements.append((_DELETE_ORPHAN_RECIPIENTS, (record.queue_id, record.queue_id)))
     statements.extend(_event_row(event) for event in record.events)
     for followup in record.followups:
         statements.extend(_message_rows(followup))
@@ -402,11 +403,8 @@ class SqliteStore:
         """Drop a queued message and its recipients."""
 
         async def run(db: aiosqlite.Connection) -> bool:
-            cur = await db.execute(
-                "DELETE FROM messages WHERE queue_id = ?", (queue_id,)
-            )
-            await db.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
-            return cur.rowcount > 0
+            cur = await db.execute(_DELETE_MESSAGE, (queue_id,))
+            return cur.rowcount > 0  # the trigger takes the recipients along
 
         return bool(await self._submit([], run))
 
