@@ -111,29 +111,24 @@ class Delivery:
             await asyncio.shield(connection.close())
 
     async def _next(self, connection: UpstreamConnection) -> Job | None:
+        """The next job; ``None`` after closing an idle connection or when stopping.
+
+        An idle worker simply waits on the job queue; at shutdown the relay cancels
+        the waiting ones, while busy ones finish their attempt first.
+        """
         job = self._queue.next_job_nowait()
-        if job is not None:  # the busy path: no waiting machinery
-            return job
-        getter = asyncio.ensure_future(self._queue.next_job())
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        timeout = self._idle_timeout if connection.connected else None
-        try:
-            done, _ = await asyncio.wait(
-                {getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            stopper.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter in done:
-            job = getter.result()
-            if self._stopping.is_set():
-                self._queue.release(job.queue_id)
+        if job is None:
+            timeout = self._idle_timeout if connection.connected else None
+            try:
+                async with asyncio.timeout(timeout):
+                    job = await self._queue.next_job()
+            except TimeoutError:  # idle: give the upstream its connection back
+                await connection.close()
                 return None
-            return job
-        if not done:  # idle: give the upstream its connection back
-            await connection.close()
-        return None
+        if self._stopping.is_set():
+            self._queue.release(job.queue_id)
+            return None
+        return job
 
     async def _attempt(self, job: Job, connection: UpstreamConnection) -> None:
         content = job.content
