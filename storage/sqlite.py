@@ -211,7 +211,11 @@ class SqliteStore:
         """Open both connections, set WAL and FULL sync, apply migrations."""
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await aiosqlite.connect(self._path, isolation_level=None)
+            # "IMMEDIATE": the sqlite3 module opens the write transaction itself at
+            # the first statement of a batch, which saves a round trip per commit.
+            self._writer = await aiosqlite.connect(
+                self._path, isolation_level="IMMEDIATE"
+            )
             await self._configure(self._writer)
             await self._migrate(self._writer)
             self._reader = await aiosqlite.connect(self._path, isolation_level=None)
@@ -350,18 +354,17 @@ class SqliteStore:
             for sql, params in write.statements:
                 grouped.setdefault(sql, []).append(params)
         try:
-            await db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, rows in grouped.items():
                     await db.executemany(sql, rows)
                 for write in batch:
                     if write.custom is not None:
                         write.result = await write.custom(db)
-                await db.execute("COMMIT")
+                await db.commit()
             except BaseException:
                 # SQLite may already have rolled back by itself (e.g. SQLITE_FULL).
                 if db.in_transaction:
-                    await db.execute("ROLLBACK")
+                    await db.rollback()
                 raise
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
