@@ -18,9 +18,20 @@ from storage.base import QueuedMessage
 from storage.sqlite import SqliteStore
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _CONFIG_HELP = "Path to relay.toml."
 _DEFAULT_CONFIG = "relay.toml"
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=_DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
 
 
 def _load(path: str) -> RelayConfig:
@@ -51,14 +62,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    default=_DEFAULT_CONFIG,
-    show_default=True,
-    help=_CONFIG_HELP,
-)
+@config_option
 def serve(config_path: str) -> None:
     """Run the SMTP listener, the HTTP listener and the delivery workers.
 
@@ -76,14 +80,7 @@ def serve(config_path: str) -> None:
 
 
 @main.command("check-config")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    default=_DEFAULT_CONFIG,
-    show_default=True,
-    help=_CONFIG_HELP,
-)
+@config_option
 def check_config(config_path: str) -> None:
     """Validate relay.toml: exit 0 if usable, else print every error and exit 2."""
     config = _load(config_path)
@@ -115,6 +112,26 @@ def queue() -> None:
     """Inspect and steer the delivery queue (works while the relay runs)."""
 
 
+def _with_store(
+    config: RelayConfig, action: Callable[[SqliteStore], Awaitable[R]]
+) -> R:
+    """Open the configured store, run ``action`` on it, close it."""
+    from relay.logs import configure_logging
+
+    # Only problems are worth a line here, on stderr: stdout is the command's.
+    configure_logging("warning", "console", stream=sys.stderr)
+
+    async def run() -> R:
+        store = _store(config)
+        await store.open()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return _run(run)
+
+
 def _store(config: RelayConfig) -> SqliteStore:
     return SqliteStore(
         config.storage.sqlite_path, timeout_seconds=config.storage.timeout_seconds
@@ -122,29 +139,16 @@ def _store(config: RelayConfig) -> SqliteStore:
 
 
 @queue.command("list")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    default=_DEFAULT_CONFIG,
-    show_default=True,
-    help=_CONFIG_HELP,
-)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--limit", default=1000, show_default=True, help="At most this many.")
 def queue_list(config_path: str, as_json: bool, limit: int) -> None:
     """List queued messages, oldest first."""
     config = _load(config_path)
 
-    async def run() -> list[QueuedMessage]:
-        store = _store(config)
-        await store.open()
-        try:
-            return await store.list_messages(limit)
-        finally:
-            await store.close()
-
-    messages = _run(run)
+    messages: list[QueuedMessage] = _with_store(
+        config, lambda store: store.list_messages(limit)
+    )
     now = datetime.now(UTC)
     if as_json:
         for m in messages:
@@ -191,27 +195,14 @@ def _age(seconds: float) -> str:
 
 @queue.command("retry")
 @click.argument("queue_id")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    default=_DEFAULT_CONFIG,
-    show_default=True,
-    help=_CONFIG_HELP,
-)
+@config_option
 def queue_retry(queue_id: str, config_path: str) -> None:
     """Make QUEUE_ID due now (a running relay picks it up within a second)."""
     config = _load(config_path)
 
-    async def run() -> bool:
-        store = _store(config)
-        await store.open()
-        try:
-            return bool(await store.retry_now(queue_id, datetime.now(UTC)))
-        finally:
-            await store.close()
-
-    if not _run(run):
+    if not _with_store(
+        config, lambda store: store.retry_now(queue_id, datetime.now(UTC))
+    ):
         click.echo(f"error: no queued message {queue_id}", err=True)
         sys.exit(1)
     click.echo(f"{queue_id}: scheduled for immediate delivery")
@@ -219,28 +210,13 @@ def queue_retry(queue_id: str, config_path: str) -> None:
 
 @queue.command("delete")
 @click.argument("queue_id")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    default=_DEFAULT_CONFIG,
-    show_default=True,
-    help=_CONFIG_HELP,
-)
+@config_option
 def queue_delete(queue_id: str, config_path: str) -> None:
     """Remove QUEUE_ID from the queue undelivered (no DSN; an attempt already
     under way still completes)."""
     config = _load(config_path)
 
-    async def run() -> bool:
-        store = _store(config)
-        await store.open()
-        try:
-            return bool(await store.delete(queue_id))
-        finally:
-            await store.close()
-
-    if not _run(run):
+    if not _with_store(config, lambda store: store.delete(queue_id)):
         click.echo(f"error: no queued message {queue_id}", err=True)
         sys.exit(1)
     click.echo(f"{queue_id}: deleted")

@@ -80,6 +80,9 @@ async def test_queue_cli_lists_retries_and_deletes(
     _, reply2 = await smtp.sendmail("news@acme.example", ["b@example.org"], message())
     await smtp.quit()
     first, second = reply1.rsplit(" ", 1)[1], reply2.rsplit(" ", 1)[1]
+    async with asyncio.timeout(10):  # until both first attempts are recorded
+        while any(m.attempts == 0 for m in await relay.store.list_messages()):
+            await asyncio.sleep(0.02)
     toml = tmp_path / "cli.toml"
     toml.write_text(
         f'[storage]\nurl = "sqlite:///{relay.config.storage.sqlite_path}"\n',
