@@ -7,6 +7,7 @@ from email import message_from_bytes, policy
 
 from relay.app import Relay
 from storage.base import BounceType, EventKind
+from storage.errors import StorageUnavailableError
 from tests.conftest import StartRelay, client, message
 from tests.support.upstream import CaptureUpstream
 
@@ -247,3 +248,36 @@ async def test_upstream_dropping_the_connection_at_mail_is_retried_then_expires(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_results_that_cannot_be_recorded_are_retried_without_resending(
+    relay_server: Relay, upstream: CaptureUpstream
+) -> None:
+    """While the store refuses a result, the message stays leased: no second copy."""
+    store = relay_server.store
+    real = store.record_attempts
+    failures = 0
+
+    async def flaky(records):
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise StorageUnavailableError("disk trouble")
+        await real(records)
+
+    store.record_attempts = flaky  # type: ignore[method-assign]
+    queue_id = await _send(relay_server, ["jane@example.org"])
+    await upstream.wait_for(1)
+
+    async def gone() -> bool:
+        return await store.get_message(queue_id) is None
+
+    await _until(gone)
+    assert failures == 3
+    assert len(upstream.to("jane@example.org")) == 1
+    assert (
+        relay_server.metrics.registry.get_sample_value(
+            "relay_storage_errors_total", {"kind": "record"}
+        )
+        == 3
+    )
