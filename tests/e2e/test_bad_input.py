@@ -13,6 +13,7 @@ import base64
 import re
 from collections.abc import AsyncIterator, Sequence
 
+import aiosmtplib
 import pytest
 
 from relay.app import Relay
@@ -752,3 +753,36 @@ async def test_unexpected_fault_reply_names_the_session(
     reply = await transaction(raw, data_of(message()))
     assert_reply(reply, "451", "4.3.0")
     assert reply.endswith(f"[ref {session_ref.group(1)}]"), reply
+
+
+async def test_a_write_that_timed_out_before_it_started_is_never_applied(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    """451 means not queued: a write abandoned in the queue must not commit later."""
+    import sqlite3
+
+    relay = await start_relay({"storage": {"timeout": "300ms"}})
+    blocker = sqlite3.connect(relay.config.storage.sqlite_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # hold the write lock
+    try:
+        first = await client(relay)
+        second = await client(relay)
+        # The first write starts and waits for the lock; the second queues behind it.
+        send_first = asyncio.ensure_future(
+            first.sendmail("news@acme.example", ["a@example.org"], message())
+        )
+        await asyncio.sleep(0.5)  # ample time for it to reach the (blocked) writer
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await second.sendmail("news@acme.example", ["b@example.org"], message())
+        assert refused.value.code == 451
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    _, reply = await send_first  # its transaction was under way: its commit decides
+    assert reply.startswith("2.0.0")
+    await first.quit()
+    await second.quit()
+    await upstream.wait_for(1)
+    await asyncio.sleep(0.3)
+    assert [m.rcpt_tos for m in upstream.messages] == [["a@example.org"]]
+    assert await relay.store.list_messages() == []
