@@ -47,6 +47,23 @@ EXPORTS = {
         "canonical_domain",
         "domain_of",
     ],
+    "policies": [
+        "MessageKind",
+        "Mode",
+        "Observation",
+        "OnError",
+        "Outcome",
+        "PASS",
+        "Pipeline",
+        "Policy",
+        "PolicyContext",
+        "PolicySettings",
+        "Stage",
+        "StageResult",
+        "Verdict",
+        "defer",
+        "refuse",
+    ],
     "relay": ["__version__"],
 }
 

@@ -1,0 +1,125 @@
+"""Runs the configured checks for a stage, in order; the first refusal wins.
+
+Every verdict, passes included, goes to the observer (a log line and metrics in the
+relay). A check runs inside ``asyncio.timeout``; one that raises or times out
+yields DEFER with reason ``policy_error`` (fail closed) unless its table says
+``on_error = "pass"``. In monitor mode a refusal is reported as what it would have
+been and the stage goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from policies.base import (
+    PASS,
+    Mode,
+    OnError,
+    Outcome,
+    Policy,
+    PolicyContext,
+    Stage,
+    Verdict,
+    defer,
+)
+
+POLICY_ERROR = "policy_error"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """How one check is run: its mode, what a fault yields, and its time budget."""
+
+    mode: Mode = Mode.ENFORCE
+    on_error: OnError = OnError.DEFER
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One verdict as the pipeline saw it, for logs and metrics."""
+
+    policy: str
+    stage: Stage
+    verdict: Verdict
+    mode: Mode
+    duration_seconds: float
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    """The decision for a stage: the deciding verdict and the policy behind it."""
+
+    verdict: Verdict
+    policy: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True when no enforcing check refused or deferred."""
+        return self.verdict.outcome is Outcome.PASS
+
+
+Observer = Callable[[Observation], None]
+
+
+class Pipeline:
+    """An ordered list of checks with their settings; immutable once built."""
+
+    def __init__(
+        self,
+        checks: Sequence[tuple[Policy, PolicySettings]],
+        observer: Observer,
+    ) -> None:
+        self._checks = tuple(checks)
+        self._observer = observer
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """The names of the checks, in the order they run."""
+        return tuple(policy.name for policy, _ in self._checks)
+
+    async def run(self, ctx: PolicyContext) -> StageResult:
+        """Run every check that declares ``ctx.stage``; stop at the first refusal."""
+        for policy, settings in self._checks:
+            if ctx.stage not in policy.stages:
+                continue
+            verdict = await self._one(policy, settings, ctx)
+            if verdict.outcome is not Outcome.PASS and settings.mode is Mode.ENFORCE:
+                return StageResult(verdict, policy.name)
+        return StageResult(PASS)
+
+    async def _one(
+        self, policy: Policy, settings: PolicySettings, ctx: PolicyContext
+    ) -> Verdict:
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            async with asyncio.timeout(settings.timeout_seconds):
+                verdict = await policy.check(ctx)
+        except TimeoutError as exc:
+            error = exc
+            verdict = self._on_error(policy, settings, "timed out")
+        except Exception as exc:  # noqa: BLE001 - pipeline boundary: fail closed
+            error = exc
+            verdict = self._on_error(policy, settings, "failed")
+        self._observer(
+            Observation(
+                policy=policy.name,
+                stage=ctx.stage,
+                verdict=verdict,
+                mode=settings.mode,
+                duration_seconds=time.monotonic() - started,
+                error=error,
+            )
+        )
+        return verdict
+
+    @staticmethod
+    def _on_error(policy: Policy, settings: PolicySettings, what: str) -> Verdict:
+        if settings.on_error is OnError.PASS:
+            return PASS
+        return defer(POLICY_ERROR, f"policy {policy.name} {what}; try again later")

@@ -1,0 +1,127 @@
+"""The pipeline: order, first refusal wins, monitor mode, fail-closed faults."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from policies import (
+    PASS,
+    Mode,
+    Observation,
+    OnError,
+    Outcome,
+    Pipeline,
+    Policy,
+    PolicyContext,
+    PolicySettings,
+    Stage,
+    Verdict,
+    refuse,
+)
+
+
+class Fixed:
+    """A check that always returns the same verdict and records its calls."""
+
+    def __init__(self, name: str, verdict: Verdict, stages: frozenset[Stage]) -> None:
+        self.name = name
+        self.stages = stages
+        self.verdict = verdict
+        self.calls = 0
+
+    async def check(self, ctx: PolicyContext) -> Verdict:
+        self.calls += 1
+        return self.verdict
+
+
+class Broken:
+    """A check that raises or hangs."""
+
+    stages = frozenset({Stage.DATA})
+
+    def __init__(self, name: str, hang: bool = False) -> None:
+        self.name = name
+        self.hang = hang
+
+    async def check(self, ctx: PolicyContext) -> Verdict:
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise RuntimeError("bug in the check")
+
+
+BOTH = frozenset({Stage.RCPT, Stage.DATA})
+DATA = frozenset({Stage.DATA})
+
+
+def ctx(stage: Stage = Stage.DATA) -> PolicyContext:
+    return PolicyContext(
+        stage=stage,
+        account="acme",
+        mail_from="news@acme.example",
+        received_at=datetime(2026, 11, 23, tzinfo=UTC),
+    )
+
+
+def build(*checks: tuple[Policy, PolicySettings]) -> tuple[Pipeline, list[Observation]]:
+    seen: list[Observation] = []
+    return Pipeline(checks, seen.append), seen
+
+
+async def test_first_refusal_wins_and_later_checks_do_not_run() -> None:
+    first = Fixed("first", PASS, BOTH)
+    second = Fixed("second", refuse("nope", "refused by second"), BOTH)
+    third = Fixed("third", refuse("also", "refused by third"), BOTH)
+    pipeline, seen = build(
+        (first, PolicySettings()), (second, PolicySettings()), (third, PolicySettings())
+    )
+    result = await pipeline.run(ctx())
+    assert (result.policy, result.verdict.reason) == ("second", "nope")
+    assert not result.passed
+    assert (first.calls, second.calls, third.calls) == (1, 1, 0)
+    assert [o.policy for o in seen] == ["first", "second"]  # passes are observed too
+    assert pipeline.order == ("first", "second", "third")
+
+
+async def test_checks_run_only_at_their_stages() -> None:
+    data_only = Fixed("data_only", refuse("x", "x"), DATA)
+    pipeline, seen = build((data_only, PolicySettings()))
+    assert (await pipeline.run(ctx(Stage.RCPT))).passed
+    assert data_only.calls == 0
+    assert seen == []
+
+
+async def test_monitor_mode_observes_the_refusal_but_lets_mail_through() -> None:
+    watched = Fixed("watched", refuse("would_refuse", "would refuse"), BOTH)
+    after = Fixed("after", PASS, BOTH)
+    pipeline, seen = build(
+        (watched, PolicySettings(mode=Mode.MONITOR)), (after, PolicySettings())
+    )
+    result = await pipeline.run(ctx())
+    assert result.passed
+    assert after.calls == 1
+    assert (seen[0].mode, seen[0].verdict.outcome) == (Mode.MONITOR, Outcome.REFUSE)
+
+
+async def test_a_failing_check_defers_fail_closed() -> None:
+    pipeline, seen = build((Broken("broken"), PolicySettings()))
+    result = await pipeline.run(ctx())
+    assert result.verdict.outcome is Outcome.DEFER
+    assert result.verdict.reason == "policy_error"
+    assert "bug in the check" not in result.verdict.detail
+    assert isinstance(seen[0].error, RuntimeError)
+
+
+async def test_a_hanging_check_times_out_and_defers() -> None:
+    pipeline, seen = build(
+        (Broken("slow", hang=True), PolicySettings(timeout_seconds=0.05))
+    )
+    result = await pipeline.run(ctx())
+    assert (result.verdict.outcome, result.policy) == (Outcome.DEFER, "slow")
+    assert isinstance(seen[0].error, TimeoutError)
+
+
+async def test_on_error_pass_lets_mail_through_but_still_reports_the_fault() -> None:
+    pipeline, seen = build((Broken("lenient"), PolicySettings(on_error=OnError.PASS)))
+    assert (await pipeline.run(ctx())).passed
+    assert isinstance(seen[0].error, RuntimeError)
