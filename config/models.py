@@ -285,6 +285,31 @@ class AccountConfig(_Section):
         return value
 
 
+class PoliciesConfig(BaseModel):
+    """``[policies]``: mode, order, and one table per policy (kept raw here).
+
+    Each policy owns its settings model; ``policies.registry`` validates the
+    tables, so ``config`` stays at the bottom of the import order.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    mode: str = "enforce"
+    order: tuple[str, ...] = ()
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, value: str) -> str:
+        if value not in {"enforce", "monitor"}:
+            raise ValueError("must be 'enforce' or 'monitor'")
+        return value
+
+    @property
+    def tables(self) -> dict[str, Any]:
+        """The per-policy tables, by policy name."""
+        return dict(self.model_extra or {})
+
+
 class LogConfig(_Section):
     """``[log]``: where and how the JSON log lines go."""
 
@@ -315,6 +340,7 @@ class RelayConfig(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
+    policies: PoliciesConfig = PoliciesConfig()
     accounts: dict[str, AccountConfig] = Field(default_factory=dict)
 
     @field_validator("accounts", mode="before")

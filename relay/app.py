@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import structlog
 
 from config.models import RelayConfig, split_listen
+from policies.registry import build_pipeline
 from relay import __version__, replies
 from relay.auth import Authenticator
 from relay.clock import Clock, SystemClock
@@ -76,6 +77,10 @@ class Relay:
             self.metrics,
             self.clock,
             free_space_ok=self.store.free_space_ok,
+        )
+        policies = config.policies
+        self.handler.pipeline = build_pipeline(
+            policies.mode, policies.order, policies.tables, self.handler.observe
         )
         smtp_host, smtp_port = split_listen(server.listen)
         self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)

@@ -35,11 +35,22 @@ config_option = click.option(
 
 
 def _load(path: str) -> RelayConfig:
+    from policies.registry import PolicyConfigError, build_pipeline
+
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         click.echo(exc.report(), err=True)
         sys.exit(2)
+    try:
+        policies = config.policies
+        build_pipeline(policies.mode, policies.order, policies.tables, lambda _: None)
+    except PolicyConfigError as exc:
+        click.echo(f"{path}: {len(exc.problems)} error(s)", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
+    return config
 
 
 def _run(factory: Callable[[], Awaitable[T]]) -> T:

@@ -93,6 +93,25 @@ class Metrics:
             ["account", "policy", "reason"],
             registry=r,
         )
+        self.policy_verdicts_total = Counter(
+            "relay_policy_verdicts_total",
+            "Verdicts of the policy checks, passes included.",
+            ["policy", "stage", "outcome", "mode"],
+            registry=r,
+        )
+        self.policy_errors_total = Counter(
+            "relay_policy_errors_total",
+            "Policy checks that failed or timed out.",
+            ["policy"],
+            registry=r,
+        )
+        self.policy_check_duration_seconds = Histogram(
+            "relay_policy_check_duration_seconds",
+            "Time one policy check took.",
+            ["policy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.message_size_bytes = Histogram(
             "relay_message_size_bytes",
             "Size of accepted messages.",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from policies.base import Outcome, Verdict
+
 
 @dataclass(frozen=True, slots=True)
 class SmtpReply:
@@ -83,6 +85,19 @@ def bad_address(which: str, reason: str) -> SmtpReply:
 def malformed_message(reason: str) -> SmtpReply:
     """A message whose header section or MIME structure cannot be trusted."""
     return SmtpReply(550, "5.6.0", f"Message refused: {reason}")
+
+
+def policy_refusal(policy: str, verdict: Verdict) -> SmtpReply:
+    """A policy's refusal or deferral (DESIGN.md: 550 5.7.1 / 451 4.7.1).
+
+    A check that failed (reason ``policy_error``) answers 451 4.3.0.
+    """
+    detail = verdict.detail or verdict.reason or "refused"
+    if verdict.outcome is Outcome.REFUSE:
+        return SmtpReply(550, "5.7.1", f"Refused by policy {policy}: {detail}")
+    if verdict.reason == "policy_error":
+        return SmtpReply(451, "4.3.0", "Policy check unavailable, try again later")
+    return SmtpReply(451, "4.7.1", f"Deferred by policy {policy}: {detail}")
 
 
 def auth_locked_out(seconds: float) -> SmtpReply:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import MISSING, Envelope, Session
 
+from policies.base import Outcome, PolicyContext, Stage
+from policies.pipeline import Observation, Pipeline
 from relay import replies
 from relay.auth import Authenticator
 from relay.clock import Clock
@@ -95,6 +97,8 @@ class RelayHandler:
         self.active_sessions = 0
         self.active_transactions = 0
         self.draining = False
+        self.pipeline = Pipeline((), self.observe)
+        """The checks; replaced as a whole (a transaction keeps the one it read)."""
         self.connections: set[RelaySMTP] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -337,6 +341,27 @@ class RelayHandler:
             return self._refuse_rcpt(
                 txn, account, "too_many_recipients", replies.TOO_MANY_RECIPIENTS, ref
             )
+        decided = await self.pipeline.run(
+            PolicyContext(
+                stage=Stage.RCPT,
+                account=session.account,
+                mail_from=txn.mail_from,
+                received_at=self._clock.now(),
+                peer_ip=session.peer_ip,
+                tls=server.tls_active,
+                recipient=rcpt,
+                recipients=tuple(txn.recipients),
+            )
+        )
+        if not decided.passed:
+            return self._refuse_rcpt(
+                txn,
+                account,
+                decided.verdict.reason,
+                replies.policy_refusal(decided.policy or "-", decided.verdict),
+                ref,
+                policy=decided.policy or "-",
+            )
         txn.recipients.append(rcpt)
         envelope.rcpt_tos.append(rcpt)
         self._metrics.recipients_accepted_total.labels(account).inc()
@@ -354,9 +379,27 @@ class RelayHandler:
         if txn is None or account is None:  # pragma: no cover - guarded by MAIL
             return replies.INTERNAL_ERROR.render(ref)
         content: bytes = envelope.original_content or b""
-        reply, reason = self._check_data(content)
+        reply, reason, view = self._check_data(content)
+        policy = _CORE
+        if reply is None and view is not None:
+            decided = await self.pipeline.run(
+                PolicyContext(
+                    stage=Stage.DATA,
+                    account=account,
+                    mail_from=txn.mail_from,
+                    received_at=self._clock.now(),
+                    peer_ip=session.peer_ip,
+                    tls=server.tls_active,
+                    recipients=tuple(txn.recipients),
+                    message=view,
+                )
+            )
+            if not decided.passed:
+                policy = decided.policy or "-"
+                reply = replies.policy_refusal(policy, decided.verdict)
+                reason = decided.verdict.reason
         if reply is not None:
-            self._refuse_message(account, reason, reply)
+            self._refuse_message(account, reason, reply, policy)
             self._end_transaction(
                 session, "refused", reply, size=len(content), reason=reason
             )
@@ -429,6 +472,34 @@ class RelayHandler:
             )
         return replies.INTERNAL_ERROR.render(session.session_id)
 
+    def observe(self, seen: Observation) -> None:
+        """Every verdict of the pipeline: a metric and a log line (passes at debug)."""
+        verdict = seen.verdict
+        self._metrics.policy_verdicts_total.labels(
+            seen.policy, seen.stage.value, verdict.outcome.value, seen.mode.value
+        ).inc()
+        self._metrics.policy_check_duration_seconds.labels(seen.policy).observe(
+            seen.duration_seconds
+        )
+        if seen.error is not None:
+            self._metrics.policy_errors_total.labels(seen.policy).inc()
+            log.error(
+                "policy_failed",
+                policy=seen.policy,
+                stage=seen.stage.value,
+                exc_info=seen.error,
+            )
+        emit = log.debug if verdict.outcome is Outcome.PASS else log.info
+        emit(
+            "policy_verdict",
+            policy=seen.policy,
+            stage=seen.stage.value,
+            outcome=verdict.outcome.value,
+            mode=seen.mode.value,
+            reason=verdict.reason or None,
+            detail=verdict.detail or None,
+        )
+
     def protocol_error(self, reason: str, line: str) -> None:
         """aiosmtpd refused a command itself: a log line and a metric."""
         self._metrics.smtp_protocol_errors_total.labels(reason).inc()
@@ -441,27 +512,29 @@ class RelayHandler:
 
     # -- helpers --------------------------------------------------------------
 
-    def _check_data(self, content: bytes) -> tuple[SmtpReply | None, str]:
+    def _check_data(
+        self, content: bytes
+    ) -> tuple[SmtpReply | None, str, MessageView | None]:
         if b"\x00" in content:
-            return replies.NUL_IN_DATA, "nul_byte"
+            return replies.NUL_IN_DATA, "nul_byte", None
         # RFC 5321 §2.3.8: lines end with CRLF only. A bare CR or LF could end the
         # data early at a less careful server (SMTP smuggling), so refuse it here.
         crlf = content.count(b"\r\n")
         if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-            return replies.BARE_LINE_ENDING, "bare_line_ending"
+            return replies.BARE_LINE_ENDING, "bare_line_ending", None
         if len(content) > self._settings.max_message_size_bytes:  # pragma: no cover
-            return replies.TOO_LARGE, "too_large"
+            return replies.TOO_LARGE, "too_large", None
         # RFC 5321 §4.5.3.1.6: 998 octets plus CRLF. aiosmtpd allows one more on the
         # wire for a transparency dot, which it has removed by now.
         if (
             len(content) > _MAX_LINE
             and max(map(len, content.split(b"\r\n"))) > _MAX_LINE
         ):
-            return replies.LINE_TOO_LONG, "line_too_long"
-        problem = MessageView.parse(content).problem
-        if problem is not None:
-            return replies.malformed_message(problem), "malformed_message"
-        return None, ""
+            return replies.LINE_TOO_LONG, "line_too_long", None
+        view = MessageView.parse(content)
+        if view.problem is not None:
+            return replies.malformed_message(view.problem), "malformed_message", None
+        return None, "", view
 
     def _received_header(
         self, session: RelaySession, server: RelaySMTP, queue_id: str, txn: Transaction
@@ -498,23 +571,33 @@ class RelayHandler:
         )
         return reply.render(session.session_id)
 
-    def _refuse_message(self, account: str, reason: str, reply: SmtpReply) -> None:
-        self._metrics.messages_refused_total.labels(account, _CORE, reason).inc()
+    def _refuse_message(
+        self, account: str, reason: str, reply: SmtpReply, policy: str = _CORE
+    ) -> None:
+        self._metrics.messages_refused_total.labels(account, policy, reason).inc()
         if reason not in {"storage_full", "storage_unavailable"}:
             log.info(
                 "message_refused",
+                policy=policy,
                 reason=reason,
                 smtp_code=reply.code,
                 smtp_status=reply.status,
             )
 
     def _refuse_rcpt(
-        self, txn: Transaction, account: str, reason: str, reply: SmtpReply, ref: str
+        self,
+        txn: Transaction,
+        account: str,
+        reason: str,
+        reply: SmtpReply,
+        ref: str,
+        policy: str = _CORE,
     ) -> str:
         txn.refused += 1
-        self._metrics.recipients_refused_total.labels(account, _CORE, reason).inc()
+        self._metrics.recipients_refused_total.labels(account, policy, reason).inc()
         log.info(
             "recipient_refused",
+            policy=policy,
             reason=reason,
             smtp_code=reply.code,
             smtp_status=reply.status,
