@@ -11,7 +11,7 @@ import re
 import ssl
 from datetime import date
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -273,6 +273,8 @@ class AccountConfig(_Section):
 
     password_hash: SecretStr
     enabled: bool = True
+    default_category: Literal["marketing", "transactional"] | None = None
+    """The kind of mail the account sends when its mailer does not say."""
     domains: dict[str, date] = Field(default_factory=dict)
 
     @field_validator("password_hash")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import structlog
 
 from config.models import RelayConfig, split_listen
+from policies.base import MessageKind
 from policies.registry import build_pipeline
 from relay import __version__, replies
 from relay.auth import Authenticator
@@ -65,6 +66,11 @@ class Relay:
                 max_recipients=server.max_recipients,
                 max_message_size_bytes=server.max_message_size_bytes,
                 max_sessions=server.max_sessions,
+                default_categories={
+                    name: MessageKind(account.default_category)
+                    for name, account in config.accounts.items()
+                    if account.default_category is not None
+                },
             ),
             Authenticator(
                 config.accounts,

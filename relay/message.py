@@ -53,6 +53,39 @@ class MessageView:
             self._headers = _PARSER.parsebytes(block, headersonly=True)
         return self._headers
 
+    def header(self, name: str) -> str | None:
+        """The unfolded value of the first ``name`` header, or ``None`` (a scan,
+        not a parse: cheap enough for the hot path)."""
+        block = self.content[: self.body_offset]
+        pattern = rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
+        found = re.search(pattern, block)
+        if found is None:
+            return None
+        end = found.end()
+        value = bytearray()
+        while True:
+            line_end = block.find(b"\r\n", end)
+            if line_end < 0:
+                line_end = len(block)
+            value += block[end:line_end]
+            end = line_end + 2
+            if block[end : end + 1] not in (b" ", b"\t"):
+                break
+        return bytes(value).decode("utf-8", "replace").strip()
+
+    def without_header(self, name: str) -> bytes:
+        """The message with every ``name`` header (and its folded lines) removed."""
+        block = self.content[: self.body_offset]
+        pattern = (
+            rb"(?im)^"
+            + re.escape(name.encode("ascii"))
+            + rb"[ \t]*:.*\r\n(?:[ \t].*\r\n)*"
+        )
+        stripped = re.sub(pattern, b"", block)
+        if stripped == block:
+            return self.content
+        return stripped + self.content[self.body_offset :]
+
     def _find_problem(self) -> str | None:
         content = self.content
         if self.body_offset <= 2 or not _FIELD_LINE.match(content):

@@ -12,6 +12,7 @@ import binascii
 import secrets
 import time
 from base64 import b64decode
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import MISSING, Envelope, Session
 
-from policies.base import Outcome, PolicyContext, Stage
+from policies.base import MessageKind, Outcome, PolicyContext, Stage
+from policies.classify import CATEGORY_HEADER, CategoryError, classify
 from policies.pipeline import Observation, Pipeline
 from relay import replies
 from relay.auth import Authenticator
@@ -50,6 +52,8 @@ class Transaction:
     smtputf8: bool
     recipients: list[str] = field(default_factory=list)
     refused: int = 0
+    kind: MessageKind | None = None
+    kind_reason: str | None = None
 
 
 class RelaySession(Session):
@@ -73,6 +77,8 @@ class HandlerSettings:
     max_recipients: int
     max_message_size_bytes: int
     max_sessions: int
+    default_categories: Mapping[str, MessageKind] = field(default_factory=dict)
+    """Account name -> its default kind of mail, where relay.toml sets one."""
 
 
 class RelayHandler:
@@ -382,6 +388,18 @@ class RelayHandler:
         reply, reason, view = self._check_data(content)
         policy = _CORE
         if reply is None and view is not None:
+            try:
+                classified = classify(
+                    view.header, self._settings.default_categories.get(account)
+                )
+            except CategoryError as exc:
+                reply, reason = replies.malformed_message(str(exc)), "bad_category"
+            else:
+                txn.kind, txn.kind_reason = classified.kind, classified.reason
+                if classified.reason == "header":
+                    # The mailer's instruction to the relay: consumed, never forwarded.
+                    content = view.without_header(CATEGORY_HEADER)
+        if reply is None and view is not None:
             decided = await self.pipeline.run(
                 PolicyContext(
                     stage=Stage.DATA,
@@ -392,6 +410,7 @@ class RelayHandler:
                     tls=server.tls_active,
                     recipients=tuple(txn.recipients),
                     message=view,
+                    kind=txn.kind,
                 )
             )
             if not decided.passed:
@@ -631,6 +650,8 @@ class RelayHandler:
             account=session.account,
             rcpt_count=len(txn.recipients),
             rcpt_refused=txn.refused,
+            kind=txn.kind.value if txn.kind else None,
+            kind_reason=txn.kind_reason,
             size_bytes=size,
             outcome=outcome,
             reason=reason,

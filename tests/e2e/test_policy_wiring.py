@@ -7,6 +7,7 @@ import pytest
 
 from policies import (
     PASS,
+    MessageKind,
     Mode,
     Pipeline,
     PolicyContext,
@@ -16,7 +17,7 @@ from policies import (
     refuse,
 )
 from relay.app import Relay
-from tests.conftest import client, message
+from tests.conftest import StartRelay, client, message
 from tests.support.upstream import CaptureUpstream
 
 
@@ -151,3 +152,65 @@ async def test_a_failing_policy_defers_without_leaking_its_error(
         )
         == 1
     )
+
+
+async def test_category_header_is_consumed_and_not_forwarded(
+    relay_server: Relay, upstream: CaptureUpstream
+) -> None:
+    body = message(extra_headers="X-Relay-Category: transactional\r\n")
+    smtp = await client(relay_server)
+    await smtp.sendmail("news@acme.example", ["jane@example.org"], body)
+    await smtp.quit()
+    (got,) = await upstream.wait_for(1)
+    assert b"X-Relay-Category" not in got.content
+    assert got.content.endswith(
+        body.replace(b"X-Relay-Category: transactional\r\n", b"")
+    )
+
+
+async def test_unknown_category_is_refused(relay_server: Relay) -> None:
+    smtp = await client(relay_server)
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await smtp.sendmail(
+            "news@acme.example",
+            ["jane@example.org"],
+            message(extra_headers="X-Relay-Category: newsletter\r\n"),
+        )
+    assert refused.value.code == 550
+    assert refused.value.message.startswith("5.6.0")
+    assert "X-Relay-Category" in refused.value.message
+    await smtp.quit()
+
+
+class RecordKind:
+    """Remembers the kind the pipeline was given."""
+
+    name = "record_kind"
+    stages = frozenset({Stage.DATA})
+
+    def __init__(self) -> None:
+        self.kinds: list[object] = []
+
+    async def check(self, ctx: PolicyContext) -> Verdict:
+        self.kinds.append(ctx.kind)
+        return PASS
+
+
+async def test_policies_see_the_classification(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay({"accounts": {"acme": {"default_category": "marketing"}}})
+    recorder = RecordKind()
+    relay.handler.pipeline = Pipeline(
+        [(recorder, PolicySettings())], relay.handler.observe
+    )
+    smtp = await client(relay)
+    await smtp.sendmail("news@acme.example", ["a@example.org"], message())
+    await smtp.sendmail(
+        "news@acme.example",
+        ["b@example.org"],
+        message(extra_headers="X-Relay-Category: transactional\r\n"),
+    )
+    await smtp.quit()
+    await upstream.wait_for(2)
+    assert recorder.kinds == [MessageKind.MARKETING, MessageKind.TRANSACTIONAL]
