@@ -76,6 +76,13 @@ class Pipeline:
     ) -> None:
         self._checks = tuple(checks)
         self._observer = observer
+        self._stages = frozenset(
+            stage for policy, _ in self._checks for stage in policy.stages
+        )
+
+    def runs_at(self, stage: Stage) -> bool:
+        """True if any check runs at ``stage`` (callers skip building a context)."""
+        return stage in self._stages
 
     @property
     def order(self) -> tuple[str, ...]:

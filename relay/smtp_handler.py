@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import MISSING, Envelope, Session
 
-from policies.base import MessageKind, Outcome, PolicyContext, Stage
+from policies.base import PASS, MessageKind, Outcome, PolicyContext, Stage
 from policies.classify import CATEGORY_HEADER, CategoryError, classify
-from policies.pipeline import Observation, Pipeline
+from policies.pipeline import Observation, Pipeline, StageResult
 from relay import replies
 from relay.auth import Authenticator
 from relay.clock import Clock
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _NULL_SENDER = "<>"
+PASSED = StageResult(PASS)
 _MAX_LINE = 998
 _CORE = "smtp"
 
@@ -347,16 +348,21 @@ class RelayHandler:
             return self._refuse_rcpt(
                 txn, account, "too_many_recipients", replies.TOO_MANY_RECIPIENTS, ref
             )
-        decided = await self.pipeline.run(
-            PolicyContext(
-                stage=Stage.RCPT,
-                account=session.account,
-                mail_from=txn.mail_from,
-                received_at=self._clock.now(),
-                peer_ip=session.peer_ip,
-                tls=server.tls_active,
-                recipient=rcpt,
-                recipients=tuple(txn.recipients),
+        pipeline = self.pipeline
+        decided = (
+            PASSED
+            if not pipeline.runs_at(Stage.RCPT)
+            else await pipeline.run(
+                PolicyContext(
+                    stage=Stage.RCPT,
+                    account=session.account,
+                    mail_from=txn.mail_from,
+                    received_at=self._clock.now(),
+                    peer_ip=session.peer_ip,
+                    tls=server.tls_active,
+                    recipient=rcpt,
+                    recipients=tuple(txn.recipients),
+                )
             )
         )
         if not decided.passed:
@@ -399,7 +405,7 @@ class RelayHandler:
                 if classified.reason == "header":
                     # The mailer's instruction to the relay: consumed, never forwarded.
                     content = view.without_header(CATEGORY_HEADER)
-        if reply is None and view is not None:
+        if reply is None and view is not None and self.pipeline.runs_at(Stage.DATA):
             decided = await self.pipeline.run(
                 PolicyContext(
                     stage=Stage.DATA,
