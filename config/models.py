@@ -276,6 +276,11 @@ class AccountConfig(_Section):
     default_category: Literal["marketing", "transactional"] | None = None
     """The kind of mail the account sends when its mailer does not say."""
     domains: dict[str, date] = Field(default_factory=dict)
+    """Sender domains with the date each was verified (or registered)."""
+    allowed_senders: tuple[str, ...] = ()
+    """Addresses or domains also allowed in Sender and Reply-To."""
+    allowed_content: tuple[str, ...] = ()
+    """Prohibited-content categories this account is allowed to send."""
 
     @field_validator("password_hash")
     @classmethod

@@ -7,11 +7,18 @@ runs them, logs and counts every verdict, and applies monitor mode and timeouts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from email.message import EmailMessage
 from enum import StrEnum
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from storage.base import ConsentStore, SuppressionStore
+
+T = TypeVar("T")
 
 
 class Stage(StrEnum):
@@ -76,11 +83,40 @@ def defer(reason: str, detail: str, **figures: float) -> Verdict:
 
 
 class MessageLike(Protocol):
-    """What DATA-stage checks may read of a message (``relay.message`` provides it)."""
+    """What DATA-stage checks may read of a message (``relay.message`` provides it).
+
+    The message is parsed once and shared: ``headers`` is the header section
+    parsed with ``email.policy.default``; ``parsed`` is the whole message (MIME
+    tree, bodies), built on first use; ``memo`` caches anything derived from it
+    (such as the decoded body texts) so that several checks pay for it once.
+    """
 
     @property
     def size_bytes(self) -> int:
         """Size of the message as received."""
+        ...
+
+    @property
+    def content(self) -> bytes:
+        """The message as received (CRLF line endings)."""
+        ...
+
+    def header(self, name: str) -> str | None:
+        """The raw unfolded value of the first ``name`` header, or ``None``."""
+        ...
+
+    @property
+    def headers(self) -> EmailMessage:
+        """The header section, parsed once with ``policy.default``."""
+        ...
+
+    @property
+    def parsed(self) -> EmailMessage:
+        """The whole message, parsed once with ``policy.default``."""
+        ...
+
+    def memo(self, key: str, build: Callable[[], T]) -> T:
+        """``build()`` on the first call with ``key``, the same value after."""
         ...
 
 
@@ -102,6 +138,34 @@ class PolicyContext:
     recipients: tuple[str, ...] = ()
     message: MessageLike | None = None
     kind: MessageKind | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPolicy:
+    """What the checks know of one sending account (from ``[accounts.NAME]``)."""
+
+    name: str
+    domains: Mapping[str, date] = field(default_factory=dict)
+    """Canonical sender domain -> the date it was verified/registered."""
+    default_kind: MessageKind | None = None
+    allowed_senders: frozenset[str] = frozenset()
+    """Extra addresses or domains allowed in Sender and Reply-To (canonical)."""
+    allowed_content: frozenset[str] = frozenset()
+    """Prohibited-content categories this account may nevertheless send."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEnv:
+    """What the checks are built with: accounts, lists, a clock, data paths."""
+
+    accounts: Mapping[str, AccountPolicy]
+    clock: Clock
+    suppressions: SuppressionStore | None = None
+    """``None`` offline (``relay check``): list checks then pass at DATA."""
+    consents: ConsentStore | None = None
+    base_dir: Path = field(default_factory=Path)
+    """Relative data-file paths in ``[policies.*]`` resolve against this
+    (the directory of relay.toml)."""
 
 
 class Policy(Protocol):

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from config.models import RelayConfig
 from config.units import parse_duration
-from policies.base import Mode, OnError, Policy
+from policies.base import AccountPolicy, MessageKind, Mode, OnError, Policy, PolicyEnv
+from storage.addresses import AddressError, canonical_address, canonical_domain
+
+if TYPE_CHECKING:
+    from policies.base import Clock
+    from storage.base import ConsentStore, SuppressionStore
 from policies.pipeline import Observer, Pipeline, PolicySettings
 
-PolicyFactory = Callable[[Mapping[str, Any]], Policy]
-"""Builds a check from its table (without the generic keys)."""
+PolicyFactory = Callable[[Mapping[str, Any], PolicyEnv], Policy]
+"""Builds a check from its table (without the generic keys) and the environment;
+raises ``ValueError`` naming the key for a bad setting."""
 
 REGISTRY: dict[str, PolicyFactory] = {}
 """Every built-in check, by name. The policies issue fills it."""
@@ -48,6 +56,7 @@ def build_pipeline(
     order: tuple[str, ...],
     tables: Mapping[str, Any],
     observer: Observer,
+    env: PolicyEnv,
     registry: Mapping[str, PolicyFactory] | None = None,
 ) -> Pipeline:
     """Validate the ``[policies]`` section and build the pipeline it describes."""
@@ -75,7 +84,9 @@ def build_pipeline(
             continue
         settings = _settings(name, table, Mode(mode), problems)
         try:
-            policy = known[name]({k: v for k, v in table.items() if k not in _GENERIC})
+            policy = known[name](
+                {k: v for k, v in table.items() if k not in _GENERIC}, env
+            )
         except ValueError as exc:
             problems.append(RegistryProblem(f"policies.{name}", str(exc)))
             continue
@@ -117,3 +128,83 @@ def _settings(
         )
         return None
     return PolicySettings(mode=mode, on_error=on_error, timeout_seconds=timeout)
+
+
+def account_policies(config: RelayConfig) -> dict[str, AccountPolicy]:
+    """What the checks need of each ``[accounts.NAME]``, with canonical domains.
+
+    Raises :class:`PolicyConfigError` for a domain or address that cannot be
+    canonicalised, naming its key path.
+    """
+    problems: list[RegistryProblem] = []
+    accounts: dict[str, AccountPolicy] = {}
+    for name, account in config.accounts.items():
+        domains = {}
+        for domain, verified in account.domains.items():
+            try:
+                domains[canonical_domain(domain)] = verified
+            except AddressError as exc:
+                problems.append(
+                    RegistryProblem(f"accounts.{name}.domains.{domain}", exc.reason)
+                )
+        senders = set()
+        for index, entry in enumerate(account.allowed_senders):
+            try:
+                senders.add(
+                    canonical_address(entry) if "@" in entry else canonical_domain(entry)
+                )
+            except AddressError as exc:
+                problems.append(
+                    RegistryProblem(
+                        f"accounts.{name}.allowed_senders[{index}]", exc.reason
+                    )
+                )
+        accounts[name] = AccountPolicy(
+            name=name,
+            domains=domains,
+            default_kind=MessageKind(account.default_category)
+            if account.default_category
+            else None,
+            allowed_senders=frozenset(senders),
+            allowed_content=frozenset(c.strip().lower() for c in account.allowed_content),
+        )
+    if problems:
+        raise PolicyConfigError(problems)
+    return accounts
+
+
+def pipeline_for(
+    config: RelayConfig,
+    observer: Observer,
+    *,
+    clock: Clock,
+    suppressions: SuppressionStore | None = None,
+    consents: ConsentStore | None = None,
+    base_dir: Path | None = None,
+    registry: Mapping[str, PolicyFactory] | None = None,
+) -> Pipeline:
+    """The pipeline ``config`` describes, with its accounts; every problem of
+    ``[policies]`` and of the accounts' policy keys in one :class:`PolicyConfigError`."""
+    problems: list[RegistryProblem] = []
+    accounts: dict[str, AccountPolicy] = {}
+    try:
+        accounts = account_policies(config)
+    except PolicyConfigError as exc:
+        problems.extend(exc.problems)
+    env = PolicyEnv(
+        accounts=accounts,
+        clock=clock,
+        suppressions=suppressions,
+        consents=consents,
+        base_dir=base_dir or Path(),
+    )
+    policies = config.policies
+    try:
+        pipeline = build_pipeline(
+            policies.mode, policies.order, policies.tables, observer, env, registry
+        )
+    except PolicyConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise PolicyConfigError(problems)
+    return pipeline

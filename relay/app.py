@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import structlog
 
 from config.models import RelayConfig, split_listen
 from policies.base import MessageKind
-from policies.registry import build_pipeline
+from policies.registry import pipeline_for
 from relay import __version__, replies
 from relay.auth import Authenticator
 from relay.clock import Clock, SystemClock
@@ -35,7 +36,13 @@ log = structlog.get_logger(__name__)
 class Relay:
     """One running relay: store, queue, workers and listeners."""
 
-    def __init__(self, config: RelayConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        clock: Clock | None = None,
+        base_dir: Path | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.metrics = Metrics(__version__)
@@ -84,9 +91,13 @@ class Relay:
             self.clock,
             free_space_ok=self.store.free_space_ok,
         )
-        policies = config.policies
-        self.handler.pipeline = build_pipeline(
-            policies.mode, policies.order, policies.tables, self.handler.observe
+        self.handler.pipeline = pipeline_for(
+            config,
+            self.handler.observe,
+            clock=self.clock,
+            suppressions=self.store,
+            consents=self.store,
+            base_dir=base_dir,
         )
         smtp_host, smtp_port = split_listen(server.listen)
         self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)
@@ -212,9 +223,9 @@ def stop_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def serve(config: RelayConfig) -> bool:
+async def serve(config: RelayConfig, base_dir: Path | None = None) -> bool:
     """Run the relay until SIGTERM or SIGINT, then drain; False if it failed."""
-    relay = Relay(config)
+    relay = Relay(config, base_dir=base_dir)
     with stop_signals(relay.stop_requested):
         try:
             await relay.start()

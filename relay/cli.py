@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -35,7 +36,8 @@ config_option = click.option(
 
 
 def _load(path: str) -> RelayConfig:
-    from policies.registry import PolicyConfigError, build_pipeline
+    from policies.registry import PolicyConfigError, pipeline_for
+    from relay.clock import SystemClock
 
     try:
         config = load_config(path)
@@ -43,8 +45,12 @@ def _load(path: str) -> RelayConfig:
         click.echo(exc.report(), err=True)
         sys.exit(2)
     try:
-        policies = config.policies
-        build_pipeline(policies.mode, policies.order, policies.tables, lambda _: None)
+        pipeline_for(
+            config,
+            lambda _: None,
+            clock=SystemClock(),
+            base_dir=Path(path).resolve().parent,
+        )
     except PolicyConfigError as exc:
         click.echo(f"{path}: {len(exc.problems)} error(s)", err=True)
         for problem in exc.problems:
@@ -86,7 +92,8 @@ def serve(config_path: str) -> None:
     from relay.logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
-    if not _run(lambda: run_relay(config)):
+    base_dir = Path(config_path).resolve().parent
+    if not _run(lambda: run_relay(config, base_dir)):
         sys.exit(1)
 
 

@@ -9,9 +9,13 @@ headers share one parse and messages that need none pay for none.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 _PARSER = BytesParser(policy=policy.default)
 # RFC 5322 §2.2: a header field is a name of printable ASCII except ":", then ":".
@@ -31,13 +35,23 @@ def header_block_end(content: bytes) -> int:
 class MessageView:
     """A view of one message: its size, header section and structural problems."""
 
-    __slots__ = ("_headers", "body_offset", "content", "problem", "size_bytes")
+    __slots__ = (
+        "_headers",
+        "_memo",
+        "_parsed",
+        "body_offset",
+        "content",
+        "problem",
+        "size_bytes",
+    )
 
     def __init__(self, content: bytes) -> None:
         self.content = content
         self.size_bytes = len(content)
         self.body_offset = header_block_end(content)
         self._headers: EmailMessage | None = None
+        self._parsed: EmailMessage | None = None
+        self._memo: dict[str, Any] = {}
         self.problem = self._find_problem()
 
     @classmethod
@@ -52,6 +66,19 @@ class MessageView:
             block = self.content[: self.body_offset]
             self._headers = _PARSER.parsebytes(block, headersonly=True)
         return self._headers
+
+    @property
+    def parsed(self) -> EmailMessage:
+        """The whole message (MIME tree and bodies), parsed once on first use."""
+        if self._parsed is None:
+            self._parsed = _PARSER.parsebytes(self.content)
+        return self._parsed
+
+    def memo(self, key: str, build: Callable[[], T]) -> T:
+        """``build()`` once per ``key``; checks share what they derive."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return cast("T", self._memo[key])
 
     def header(self, name: str) -> str | None:
         """The unfolded value of the first ``name`` header, or ``None`` (a scan,

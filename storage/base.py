@@ -28,6 +28,8 @@ class EventKind(StrEnum):
 
     SENT = "sent"
     BOUNCE = "bounce"
+    BLOCK = "block"
+    """A recipient the relay itself refused (excluded, no consent, ...)."""
 
 
 class BounceType(StrEnum):
@@ -35,6 +37,103 @@ class BounceType(StrEnum):
 
     HARD = "hard"
     SOFT = "soft"
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is on the exclusion list."""
+
+    UNSUBSCRIBE = "unsubscribe"
+    HARD_BOUNCE = "hard_bounce"
+    SOFT_BOUNCE = "soft_bounce"
+    COMPLAINT = "complaint"
+    SPAMTRAP = "spamtrap"
+    MANUAL = "manual"
+    ERASURE = "erasure"
+
+
+REFUSES_EVERY_CATEGORY = frozenset(
+    {SuppressionReason.HARD_BOUNCE, SuppressionReason.COMPLAINT, SuppressionReason.SPAMTRAP}
+)
+"""Reasons that refuse transactional mail too; the others refuse marketing only."""
+
+NEVER_EXPIRES = frozenset({SuppressionReason.UNSUBSCRIBE, SuppressionReason.COMPLAINT})
+"""Reasons whose entries may not carry an expiry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """One exclusion-list entry; ``(address, account, reason)`` identifies it."""
+
+    address: str
+    """Canonical form (``storage.addresses.canonical_address``)."""
+    account: str | None
+    """The account it applies to; ``None`` for every account (global)."""
+    reason: SuppressionReason
+    source: str
+    """Where it came from: ``cli``, ``api``, ``import``, ``bounce``, ... (free text)."""
+    created_at: datetime
+    note: str = ""
+    expires_at: datetime | None = None
+
+    def active(self, now: datetime) -> bool:
+        """True while the entry has not expired."""
+        return self.expires_at is None or self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionRemoval:
+    """The audit record of one removed entry: who, when and why."""
+
+    address: str
+    account: str | None
+    reason: SuppressionReason
+    removed_by: str
+    removed_at: datetime
+    why: str
+
+
+class OptInType(StrEnum):
+    """How consent was collected, weakest first."""
+
+    SINGLE = "single"
+    CONFIRMED = "confirmed"
+    DOUBLE = "double"
+
+    @property
+    def rank(self) -> int:
+        """0 for single, 1 for confirmed, 2 for double."""
+        return list(OptInType).index(self)
+
+
+class ConsentSource(StrEnum):
+    """Where consent was collected."""
+
+    NEWSLETTER = "newsletter"
+    PURCHASE = "purchase"
+    SWEEPSTAKES = "sweepstakes"
+    EVENT = "event"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRecord:
+    """The proof of consent one account holds for one address."""
+
+    account: str
+    address: str
+    """Canonical form."""
+    collected_at: datetime
+    source: ConsentSource
+    opt_in: OptInType
+    collection_url: str = ""
+    ip: str = ""
+    confirmed_at: datetime | None = None
+    statement: str = ""
+    """The wording the person agreed to."""
+    relationship: str = ""
+    """For existing customers: the relationship (e.g. "customer since 2021")."""
+    recorded_at: datetime | None = None
+    """When the relay stored it (set by the store)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +289,81 @@ class EventStore(Protocol):
         """Recorded events, newest first."""
         ...
 
+    async def add_events(self, events: Sequence[Event]) -> None:
+        """Record events durably (one commit); duplicates by ``dedup_key`` count once."""
+        ...
 
-class Store(QueueStore, EventStore, Protocol):
+
+class SuppressionStore(Protocol):
+    """The exclusion list, global or per account, with audited removals."""
+
+    async def add_suppressions(self, entries: Sequence[Suppression]) -> int:
+        """Write every entry in one transaction (all or none); an entry with the
+        same address, account and reason is replaced. Returns the count written."""
+        ...
+
+    async def remove_suppressions(
+        self,
+        address: str,
+        account: str | None,
+        *,
+        reason: SuppressionReason | None,
+        removed_by: str,
+        why: str,
+        now: datetime,
+    ) -> list[Suppression]:
+        """Remove the entries for ``address`` in that scope (one reason, or all),
+        each with an audit record; returns what was removed."""
+        ...
+
+    async def suppressions_for(
+        self, address: str, account: str, now: datetime
+    ) -> list[Suppression]:
+        """Active entries that apply to ``address`` sent by ``account`` (global ones
+        and the account's own): one indexed lookup."""
+        ...
+
+    async def list_suppressions(
+        self,
+        *,
+        account: str | None = None,
+        reason: SuppressionReason | None = None,
+        after: tuple[str, str, str] | None = None,
+        limit: int = 1000,
+    ) -> list[Suppression]:
+        """Entries ordered by (address, account or "", reason), after that key;
+        ``account`` filters to one account's entries (global ones excluded)."""
+        ...
+
+    async def count_suppressions(self) -> int:
+        """Number of entries, expired ones included."""
+        ...
+
+    async def suppression_removals(
+        self, address: str | None = None, limit: int = 100
+    ) -> list[SuppressionRemoval]:
+        """Audit records, newest first."""
+        ...
+
+
+class ConsentStore(Protocol):
+    """The consent ledger: one record per account and address."""
+
+    async def add_consents(self, records: Sequence[ConsentRecord]) -> int:
+        """Write every record in one transaction (all or none), replacing the
+        record for the same account and address. Returns the count written."""
+        ...
+
+    async def consent_for(self, account: str, address: str) -> ConsentRecord | None:
+        """The record ``account`` holds for ``address``."""
+        ...
+
+    async def consents_of(self, address: str) -> list[ConsentRecord]:
+        """Every account's record for ``address``, by account name."""
+        ...
+
+
+class Store(QueueStore, EventStore, SuppressionStore, ConsentStore, Protocol):
     """Everything the relay keeps, behind one object with a lifetime."""
 
     async def open(self) -> None:
@@ -208,16 +380,26 @@ class Store(QueueStore, EventStore, Protocol):
 
 
 __all__: Sequence[str] = [
+    "NEVER_EXPIRES",
+    "REFUSES_EVERY_CATEGORY",
     "AttemptRecord",
     "BounceType",
+    "ConsentRecord",
+    "ConsentSource",
+    "ConsentStore",
     "Event",
     "EventKind",
     "EventStore",
     "NewMessage",
+    "OptInType",
     "QueueStats",
     "QueueStore",
     "QueuedMessage",
     "RecipientResult",
     "RecipientState",
     "Store",
+    "Suppression",
+    "SuppressionReason",
+    "SuppressionRemoval",
+    "SuppressionStore",
 ]

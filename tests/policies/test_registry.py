@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from policies import PASS, Mode, OnError, PolicyContext, Stage, Verdict
+from policies.base import PolicyEnv
+from relay.clock import SystemClock
 from policies.registry import PolicyConfigError, build_pipeline
 
 
@@ -25,9 +27,10 @@ class Named:
 
 
 REGISTRY = {
-    "alpha": lambda table: Named("alpha", table),
-    "beta": lambda table: Named("beta", table),
+    "alpha": lambda table, env: Named("alpha", table),
+    "beta": lambda table, env: Named("beta", table),
 }
+ENV = PolicyEnv(accounts={}, clock=SystemClock())
 
 
 def test_pipeline_follows_order_and_settings() -> None:
@@ -36,6 +39,7 @@ def test_pipeline_follows_order_and_settings() -> None:
         ("beta", "alpha"),
         {"alpha": {"mode": "monitor", "on_error": "pass", "timeout": "250ms", "x": 1}},
         lambda _: None,
+        ENV,
         REGISTRY,
     )
     assert pipeline.order == ("beta", "alpha")
@@ -60,6 +64,7 @@ def test_every_problem_is_reported_with_its_key_path() -> None:
                 "beta": {"bad": True, "timeout": "soon"},
             },
             lambda _: None,
+            ENV,
             REGISTRY,
         )
     paths = {problem.path for problem in info.value.problems}
@@ -78,6 +83,7 @@ def test_global_monitor_mode_applies_unless_a_table_overrides_it() -> None:
         ("alpha", "beta"),
         {"beta": {"mode": "enforce"}},
         lambda _: None,
+        ENV,
         REGISTRY,
     )
     modes = [settings.mode for _, settings in pipeline._checks]
