@@ -268,6 +268,36 @@ class QueueConfig(_Section):
         return value
 
 
+class FeedbackConfig(_Section):
+    """``[feedback]``: how feedback reaches the relay, and the key that signs it."""
+
+    secret: SecretStr | None = None
+    """Signs the tokens of unsubscribe links (HMAC-SHA256); at least 32 characters."""
+    unsubscribe_mailto: str | None = None
+    """Address for the mailto form of List-Unsubscribe (optional)."""
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "must be at least 32 characters; generate one with "
+                "'python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"'"
+            )
+        return value
+
+    @field_validator("unsubscribe_mailto")
+    @classmethod
+    def _check_mailto(cls, value: str | None) -> str | None:
+        if value is not None:
+            local, at, domain = value.rpartition("@")
+            if not at or not local or not _HOSTNAME.match(domain):
+                raise ValueError(
+                    f"{value!r} is not an address like unsubscribe@relay.example"
+                )
+        return value
+
+
 class AccountConfig(_Section):
     """``[accounts.NAME]``: a sending account; its name is the AUTH user name."""
 
@@ -346,6 +376,7 @@ class RelayConfig(_Section):
     storage: StorageConfig = StorageConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     queue: QueueConfig = QueueConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     log: LogConfig = LogConfig()
     policies: PoliciesConfig = PoliciesConfig()
     accounts: dict[str, AccountConfig] = Field(default_factory=dict)

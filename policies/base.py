@@ -67,6 +67,8 @@ class Verdict:
     detail: str = ""
     """One sentence for the reply and the log, naming the figure that decided."""
     figures: Mapping[str, float] = field(default_factory=dict)
+    recipients: tuple[str, ...] = ()
+    """At DATA: the refusal concerns only these recipients (the others go on)."""
 
 
 PASS = Verdict(Outcome.PASS)
@@ -75,6 +77,13 @@ PASS = Verdict(Outcome.PASS)
 def refuse(reason: str, detail: str, **figures: float) -> Verdict:
     """A permanent refusal."""
     return Verdict(Outcome.REFUSE, reason, detail, figures)
+
+
+def refuse_recipients(
+    recipients: tuple[str, ...], reason: str, detail: str, **figures: float
+) -> Verdict:
+    """At DATA, a permanent refusal of some recipients only."""
+    return Verdict(Outcome.REFUSE, reason, detail, figures, recipients)
 
 
 def defer(reason: str, detail: str, **figures: float) -> Verdict:

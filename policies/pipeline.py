@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from policies.base import (
     PASS,
@@ -56,6 +56,8 @@ class StageResult:
 
     verdict: Verdict
     policy: str | None = None
+    dropped: Mapping[str, tuple[str, Verdict]] = field(default_factory=dict)
+    """Recipients refused on their own at DATA: address -> (policy, verdict)."""
 
     @property
     def passed(self) -> bool:
@@ -89,15 +91,47 @@ class Pipeline:
         """The names of the checks, in the order they run."""
         return tuple(policy.name for policy, _ in self._checks)
 
-    async def run(self, ctx: PolicyContext) -> StageResult:
-        """Run every check that declares ``ctx.stage``; stop at the first refusal."""
+    def policy(self, name: str) -> Policy | None:
+        """The configured check called ``name``, if any."""
+        for policy, _ in self._checks:
+            if policy.name == name:
+                return policy
+        return None
+
+    async def run(self, ctx: PolicyContext, *, run_all: bool = False) -> StageResult:
+        """Run every check that declares ``ctx.stage``; stop at the first refusal.
+
+        At DATA a refusal that names some of the recipients (``Verdict.recipients``)
+        drops only those: the later checks see the others, and the stage passes
+        for them. With ``run_all`` (``relay check``) the later checks run too, so
+        that the observer sees every verdict; the first enforcing refusal still
+        decides.
+        """
+        decided: StageResult | None = None
+        dropped: dict[str, tuple[str, Verdict]] = {}
         for policy, settings in self._checks:
             if ctx.stage not in policy.stages:
                 continue
             verdict = await self._one(policy, settings, ctx)
-            if verdict.outcome is not Outcome.PASS and settings.mode is Mode.ENFORCE:
-                return StageResult(verdict, policy.name)
-        return StageResult(PASS)
+            if (
+                verdict.outcome is Outcome.PASS
+                or settings.mode is not Mode.ENFORCE
+                or decided is not None
+            ):
+                continue
+            partial = set(verdict.recipients) & set(ctx.recipients)
+            if partial and len(partial) < len(ctx.recipients):
+                for address in sorted(partial):
+                    dropped.setdefault(address, (policy.name, verdict))
+                ctx = replace(
+                    ctx,
+                    recipients=tuple(r for r in ctx.recipients if r not in partial),
+                )
+                continue
+            decided = StageResult(verdict, policy.name, dropped)
+            if not run_all:
+                break
+        return decided or StageResult(PASS, None, dropped)
 
     async def _one(
         self, policy: Policy, settings: PolicySettings, ctx: PolicyContext

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from config.models import RelayConfig
 from config.units import parse_duration
+from policies import consent, exclusion
 from policies.base import AccountPolicy, MessageKind, Mode, OnError, Policy, PolicyEnv
 from storage.addresses import AddressError, canonical_address, canonical_domain
 
@@ -26,8 +27,11 @@ PolicyFactory = Callable[[Mapping[str, Any], PolicyEnv], Policy]
 """Builds a check from its table (without the generic keys) and the environment;
 raises ``ValueError`` naming the key for a bad setting."""
 
-REGISTRY: dict[str, PolicyFactory] = {}
-"""Every built-in check, by name. The policies issue fills it."""
+REGISTRY: dict[str, PolicyFactory] = {
+    "exclusion": exclusion.from_table,
+    "consent": consent.from_table,
+}
+"""Every built-in check, by name (= its module and its relay.toml table)."""
 
 _GENERIC = {"mode", "on_error", "timeout"}
 
@@ -151,7 +155,9 @@ def account_policies(config: RelayConfig) -> dict[str, AccountPolicy]:
         for index, entry in enumerate(account.allowed_senders):
             try:
                 senders.add(
-                    canonical_address(entry) if "@" in entry else canonical_domain(entry)
+                    canonical_address(entry)
+                    if "@" in entry
+                    else canonical_domain(entry)
                 )
             except AddressError as exc:
                 problems.append(
@@ -166,7 +172,9 @@ def account_policies(config: RelayConfig) -> dict[str, AccountPolicy]:
             if account.default_category
             else None,
             allowed_senders=frozenset(senders),
-            allowed_content=frozenset(c.strip().lower() for c in account.allowed_content),
+            allowed_content=frozenset(
+                c.strip().lower() for c in account.allowed_content
+            ),
         )
     if problems:
         raise PolicyConfigError(problems)
@@ -183,8 +191,11 @@ def pipeline_for(
     base_dir: Path | None = None,
     registry: Mapping[str, PolicyFactory] | None = None,
 ) -> Pipeline:
-    """The pipeline ``config`` describes, with its accounts; every problem of
-    ``[policies]`` and of the accounts' policy keys in one :class:`PolicyConfigError`."""
+    """The pipeline ``config`` describes, with its accounts.
+
+    Every problem of ``[policies]`` and of the accounts' policy keys is reported
+    in one :class:`PolicyConfigError`.
+    """
     problems: list[RegistryProblem] = []
     accounts: dict[str, AccountPolicy] = {}
     try:
@@ -205,6 +216,18 @@ def pipeline_for(
         )
     except PolicyConfigError as exc:
         problems.extend(exc.problems)
+    else:
+        optout = pipeline.policy("optout_link")
+        if getattr(optout, "adds_list_unsubscribe", False) and (
+            config.feedback.secret is None
+        ):
+            problems.append(
+                RegistryProblem(
+                    "policies.optout_link.list_unsubscribe",
+                    "'add' signs unsubscribe links: set [feedback] secret "
+                    "(or secret_env)",
+                )
+            )
     if problems:
         raise PolicyConfigError(problems)
     return pipeline

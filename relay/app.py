@@ -24,6 +24,7 @@ from relay.auth import Authenticator
 from relay.clock import Clock, SystemClock
 from relay.delivery import Delivery, DeliverySettings
 from relay.http import HttpListener
+from relay.list_unsubscribe import list_unsubscribe_for
 from relay.metrics import Metrics
 from relay.queue import Queue
 from relay.smtp_handler import HandlerSettings, RelayHandler
@@ -90,6 +91,7 @@ class Relay:
             self.metrics,
             self.clock,
             free_space_ok=self.store.free_space_ok,
+            events=self.store,
         )
         self.handler.pipeline = pipeline_for(
             config,
@@ -98,6 +100,9 @@ class Relay:
             suppressions=self.store,
             consents=self.store,
             base_dir=base_dir,
+        )
+        self.handler.list_unsubscribe = list_unsubscribe_for(
+            config, self.handler.pipeline
         )
         smtp_host, smtp_port = split_listen(server.listen)
         self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)
@@ -108,6 +113,9 @@ class Relay:
             self.metrics,
             is_ready=lambda: self.ready,
             refresh=self.refresh_metrics,
+            store=self.store,
+            admin_token=config.http.admin_token,
+            clock=self.clock,
         )
         self.ready = False
         self.running = False

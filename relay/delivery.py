@@ -18,7 +18,7 @@ import structlog
 
 from config.models import QueueConfig, UpstreamConfig
 from relay.clock import Clock
-from relay.dsn import FailedRecipient, build_dsn, is_delivery_report
+from relay.dsn import FailedRecipient
 from relay.errors import TemporaryError
 from relay.metrics import Metrics
 from relay.queue import Job, Queue
@@ -310,38 +310,16 @@ class Delivery:
         content: bytes,
         failures: Sequence[FailedRecipient],
     ) -> tuple[NewMessage, ...]:
-        cfg = self._settings.queue
-        # RFC 3464 §4 / RFC 5321 §6.1: never a DSN to the null sender, and never
-        # one about a DSN (a generated message or a delivery report).
-        if (
-            not failures
-            or not cfg.send_dsn
-            or not job.mail_from
-            or job.account is None
-            or is_delivery_report(content)
-        ):
-            return ()
-        hostname = self._settings.hostname
-        dsn_from = (
-            cfg.dsn_sender if "@" in cfg.dsn_sender else f"{cfg.dsn_sender}@{hostname}"
-        )
-        body = build_dsn(
-            reporting_mta=hostname,
-            dsn_from=dsn_from,
-            original_mail_from=job.mail_from,
-            original_message=content,
+        dsn = self._queue.new_dsn(
+            hostname=self._settings.hostname,
+            account=job.account,
+            mail_from=job.mail_from,
+            content=content,
             queue_id=job.queue_id,
             arrival=job.received_at,
             failures=failures,
-            now=self._clock.now(),
         )
+        if dsn is None:
+            return ()
         self._metrics.dsn_generated_total.inc()
-        return (
-            self._queue.new_message(
-                account=None,
-                mail_from="",
-                recipients=(job.mail_from,),
-                content=body,
-                smtputf8=not job.mail_from.isascii(),
-            ),
-        )
+        return (dsn,)

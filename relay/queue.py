@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,8 +21,9 @@ import structlog
 
 from config.models import QueueConfig
 from relay.clock import Clock
+from relay.dsn import FailedRecipient, build_dsn, is_delivery_report
 from relay.metrics import Metrics
-from storage.base import AttemptRecord, NewMessage, QueuedMessage, QueueStore
+from storage.base import AttemptRecord, Event, NewMessage, QueuedMessage, QueueStore
 from storage.errors import StorageError
 
 log = structlog.get_logger(__name__)
@@ -131,10 +133,58 @@ class Queue:
             smtputf8=smtputf8,
         )
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Commit ``message``; on return it is durable and offered to a worker."""
-        await self._store.enqueue(message)
-        self._offer(Job.from_new(message))
+    def new_dsn(
+        self,
+        *,
+        hostname: str,
+        account: str | None,
+        mail_from: str,
+        content: bytes,
+        queue_id: str,
+        arrival: datetime,
+        failures: Sequence[FailedRecipient],
+    ) -> NewMessage | None:
+        """The DSN (RFC 3464) telling ``mail_from`` of ``failures``, or ``None``
+        where none may be sent: DSNs off, the null sender, or a message that is
+        itself generated or a delivery report (RFC 3464 §4, RFC 5321 §6.1)."""
+        cfg = self._config
+        if (
+            not failures
+            or not cfg.send_dsn
+            or not mail_from
+            or account is None
+            or is_delivery_report(content)
+        ):
+            return None
+        dsn_from = (
+            cfg.dsn_sender if "@" in cfg.dsn_sender else f"{cfg.dsn_sender}@{hostname}"
+        )
+        body = build_dsn(
+            reporting_mta=hostname,
+            dsn_from=dsn_from,
+            original_mail_from=mail_from,
+            original_message=content,
+            queue_id=queue_id,
+            arrival=arrival,
+            failures=failures,
+            now=self._clock.now(),
+        )
+        return self.new_message(
+            account=None,
+            mail_from="",
+            recipients=(mail_from,),
+            content=body,
+            smtputf8=not mail_from.isascii(),
+        )
+
+    async def enqueue(
+        self, *messages: NewMessage, events: Sequence[Event] = ()
+    ) -> None:
+        """Commit the messages (and events) together; on return they are durable
+        and offered to the workers."""
+        await self._store.enqueue(*messages, events=events)
+        for message in messages:
+            self._offer(Job.from_new(message))
 
     def _offer(self, job: Job) -> bool:
         if self._stopping or job.queue_id in self._in_flight or self._jobs.full():

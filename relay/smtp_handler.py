@@ -20,18 +20,21 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import MISSING, Envelope, Session
 
-from policies.base import PASS, MessageKind, Outcome, PolicyContext, Stage
+from policies.base import PASS, MessageKind, Outcome, PolicyContext, Stage, Verdict
 from policies.classify import CATEGORY_HEADER, CategoryError, classify
 from policies.pipeline import Observation, Pipeline, StageResult
 from relay import replies
 from relay.auth import Authenticator
 from relay.clock import Clock
+from relay.dsn import FailedRecipient
+from relay.list_unsubscribe import ListUnsubscribe
 from relay.message import MessageView
 from relay.metrics import Metrics
 from relay.queue import Queue, new_queue_id
 from relay.replies import SmtpReply
 from storage.addresses import AddressError, canonical_address, domain_of
-from storage.errors import StorageFullError, StorageUnavailableError
+from storage.base import Event, EventKind, EventStore, NewMessage
+from storage.errors import StorageError, StorageFullError, StorageUnavailableError
 
 if TYPE_CHECKING:
     from relay.smtp_server import RelaySMTP
@@ -55,6 +58,7 @@ class Transaction:
     refused: int = 0
     kind: MessageKind | None = None
     kind_reason: str | None = None
+    txn_id: str = field(default_factory=lambda: secrets.token_hex(6))
 
 
 class RelaySession(Session):
@@ -94,8 +98,10 @@ class RelayHandler:
         clock: Clock,
         *,
         free_space_ok: Any,
+        events: EventStore | None = None,
     ) -> None:
         self._settings = settings
+        self._events = events
         self._auth = authenticator
         self._queue = queue
         self._metrics = metrics
@@ -106,6 +112,9 @@ class RelayHandler:
         self.draining = False
         self.pipeline = Pipeline((), self.observe)
         """The checks; replaced as a whole (a transaction keeps the one it read)."""
+        self.list_unsubscribe: ListUnsubscribe | None = None
+        """Set when ``[policies.optout_link] list_unsubscribe = "add"``: marketing
+        mail without the header gets the relay's own, one copy per recipient."""
         self.connections: set[RelaySMTP] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -326,6 +335,10 @@ class RelayHandler:
         try:
             rcpt = canonical_address(address)
         except AddressError as exc:
+            if session.account is not None:
+                await self._record_blocks(
+                    session.account, txn, {address[:320]: "invalid_recipient"}
+                )
             return self._refuse_rcpt(
                 txn,
                 account,
@@ -362,10 +375,15 @@ class RelayHandler:
                     tls=server.tls_active,
                     recipient=rcpt,
                     recipients=tuple(txn.recipients),
+                    kind=self._settings.default_categories.get(session.account),
                 )
             )
         )
         if not decided.passed:
+            if decided.verdict.outcome is Outcome.REFUSE:
+                await self._record_blocks(
+                    session.account, txn, {rcpt: decided.verdict.reason}
+                )
             return self._refuse_rcpt(
                 txn,
                 account,
@@ -405,6 +423,7 @@ class RelayHandler:
                 if classified.reason == "header":
                     # The mailer's instruction to the relay: consumed, never forwarded.
                     content = view.without_header(CATEGORY_HEADER)
+        dropped: Mapping[str, tuple[str, Verdict]] = {}
         if reply is None and view is not None and self.pipeline.runs_at(Stage.DATA):
             decided = await self.pipeline.run(
                 PolicyContext(
@@ -423,24 +442,65 @@ class RelayHandler:
                 policy = decided.policy or "-"
                 reply = replies.policy_refusal(policy, decided.verdict)
                 reason = decided.verdict.reason
-        if reply is not None:
+            dropped = decided.dropped
+        if reply is not None or view is None:
+            reply = reply or replies.INTERNAL_ERROR
             self._refuse_message(account, reason, reply, policy)
             self._end_transaction(
                 session, "refused", reply, size=len(content), reason=reason
             )
             return reply.render(ref)
-        queue_id = new_queue_id()
-        stamped = self._received_header(session, server, queue_id, txn) + content
-        message = self._queue.new_message(
-            account=account,
-            mail_from=txn.mail_from,
-            recipients=tuple(txn.recipients),
-            content=stamped,
-            smtputf8=txn.smtputf8,
-            queue_id=queue_id,
+        return await self._accept(session, server, txn, view, content, dropped, started)
+
+    async def _accept(
+        self,
+        session: RelaySession,
+        server: RelaySMTP,
+        txn: Transaction,
+        view: MessageView,
+        content: bytes,
+        dropped: Mapping[str, tuple[str, Verdict]],
+        started: float,
+    ) -> str:
+        """Queue the message (per-recipient copies where the relay adds its
+        List-Unsubscribe, a DSN for recipients refused at DATA) in one commit."""
+        account = session.account or "-"
+        base_id = new_queue_id()
+        recipients = tuple(r for r in txn.recipients if r not in dropped)
+        messages = self._copies(
+            session, server, txn, view, content, base_id, recipients
         )
+        events: list[Event] = []
+        if dropped:
+            failures = []
+            for rcpt, (policy, verdict) in dropped.items():
+                refusal = replies.policy_refusal(policy, verdict)
+                failures.append(
+                    FailedRecipient(
+                        address=rcpt,
+                        status=refusal.status,
+                        diagnostic=f"{refusal.status} {refusal.text}",
+                        smtp_code=refusal.code,
+                    )
+                )
+                self._refuse_rcpt(
+                    txn, account, verdict.reason, refusal, session.session_id, policy
+                )
+                events.append(self._block_event(account, txn, rcpt, verdict.reason))
+            dsn = self._queue.new_dsn(
+                hostname=self._settings.hostname,
+                account=account,
+                mail_from=txn.mail_from,
+                content=content,
+                queue_id=base_id,
+                arrival=self._clock.now(),
+                failures=failures,
+            )
+            if dsn is not None:
+                self._metrics.dsn_generated_total.inc()
+                messages.append(dsn)
         try:
-            await self._queue.enqueue(message)
+            await self._queue.enqueue(*messages, events=events)
         except StorageFullError as exc:
             self._metrics.storage_errors_total.labels("full").inc()
             return self._store_failed(
@@ -456,14 +516,98 @@ class RelayHandler:
                 replies.STORAGE_UNAVAILABLE,
                 content,
             )
+        size = len(messages[0].content)
         self._metrics.accept_duration_seconds.observe(time.monotonic() - started)
         self._metrics.messages_received_total.labels(account).inc()
-        self._metrics.message_size_bytes.observe(len(stamped))
-        reply = replies.queued(queue_id)
-        self._end_transaction(
-            session, "accepted", reply, size=len(stamped), queue_id=queue_id
-        )
+        self._metrics.message_size_bytes.observe(size)
+        reply = replies.queued(base_id)
+        if dropped:
+            reply = SmtpReply(
+                250,
+                "2.0.0",
+                f"{reply.text}; {len(dropped)} recipient(s) refused by policy, "
+                "reported in a DSN",
+            )
+        self._end_transaction(session, "accepted", reply, size=size, queue_id=base_id)
         return reply.render()
+
+    def _copies(
+        self,
+        session: RelaySession,
+        server: RelaySMTP,
+        txn: Transaction,
+        view: MessageView,
+        content: bytes,
+        base_id: str,
+        recipients: tuple[str, ...],
+    ) -> list[NewMessage]:
+        """The message as queued: one copy, or one per recipient when the relay
+        adds a List-Unsubscribe of its own (its token names the recipient)."""
+        account = session.account or "-"
+        stamper = self.list_unsubscribe
+        if (
+            stamper is None
+            or txn.kind is not MessageKind.MARKETING
+            or view.header("List-Unsubscribe") is not None
+        ):
+            return [
+                self._queue.new_message(
+                    account=account,
+                    mail_from=txn.mail_from,
+                    recipients=recipients,
+                    content=self._received_header(session, server, base_id, txn)
+                    + content,
+                    smtputf8=txn.smtputf8,
+                    queue_id=base_id,
+                )
+            ]
+        today = self._clock.now().date()
+        copies = []
+        for index, rcpt in enumerate(recipients):
+            queue_id = base_id if index == 0 else f"{base_id}.{index + 1}"
+            copies.append(
+                self._queue.new_message(
+                    account=account,
+                    mail_from=txn.mail_from,
+                    recipients=(rcpt,),
+                    content=self._received_header(session, server, queue_id, txn)
+                    + stamper.headers(account, rcpt, base_id, today)
+                    + content,
+                    smtputf8=txn.smtputf8,
+                    queue_id=queue_id,
+                )
+            )
+        return copies
+
+    def _block_event(
+        self, account: str, txn: Transaction, rcpt: str, reason: str
+    ) -> Event:
+        return Event(
+            kind=EventKind.BLOCK,
+            account=account,
+            recipient=rcpt,
+            occurred_at=self._clock.now(),
+            source="smtp",
+            detail=reason,
+            dedup_key=f"block:{txn.txn_id}:{rcpt}",
+        )
+
+    async def _record_blocks(
+        self, account: str, txn: Transaction, refused: Mapping[str, str]
+    ) -> None:
+        """Record refused recipients as ``block`` events for the reputation
+        counters; a store failure is logged, the refusal stands either way."""
+        if self._events is None:
+            return
+        events = [
+            self._block_event(account, txn, rcpt, reason)
+            for rcpt, reason in refused.items()
+        ]
+        try:
+            await self._events.add_events(events)
+        except StorageError as exc:
+            self._metrics.storage_errors_total.labels("unavailable").inc()
+            log.warning("block_event_not_recorded", error=str(exc))
 
     async def handle_RSET(  # noqa: N802
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope

@@ -52,7 +52,11 @@ class SuppressionReason(StrEnum):
 
 
 REFUSES_EVERY_CATEGORY = frozenset(
-    {SuppressionReason.HARD_BOUNCE, SuppressionReason.COMPLAINT, SuppressionReason.SPAMTRAP}
+    {
+        SuppressionReason.HARD_BOUNCE,
+        SuppressionReason.COMPLAINT,
+        SuppressionReason.SPAMTRAP,
+    }
 )
 """Reasons that refuse transactional mail too; the others refuse marketing only."""
 
@@ -236,8 +240,11 @@ class QueueStore(Protocol):
     The caller owns leasing: it never hands the same queue id to two workers.
     """
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Make ``message`` durable, or raise StorageFullError / Unavailable."""
+    async def enqueue(
+        self, *messages: NewMessage, events: Sequence[Event] = ()
+    ) -> None:
+        """Make every message (and the events) durable in one transaction, or
+        raise StorageFullError / StorageUnavailableError."""
         ...
 
     async def due(self, now: datetime, limit: int) -> list[QueuedMessage]:
