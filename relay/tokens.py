@@ -64,6 +64,9 @@ class TokenSigner:
             given = _unb64(mac)
         except (binascii.Error, ValueError) as exc:
             raise InvalidTokenError("malformed token") from exc
+        if _b64(payload) != encoded or _b64(given) != mac:
+            # One token, one spelling: no variants through unused base64 bits.
+            raise InvalidTokenError("malformed token")
         if not hmac.compare_digest(given, self._mac(payload)):
             raise InvalidTokenError("token signature does not match")
         try:
