@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from config.models import RelayConfig
 from config.units import parse_duration
-from policies import consent, exclusion
+from policies import consent, exclusion, header_sanity, sender_domains
 from policies.base import AccountPolicy, MessageKind, Mode, OnError, Policy, PolicyEnv
 from storage.addresses import AddressError, canonical_address, canonical_domain
 
@@ -30,6 +30,8 @@ raises ``ValueError`` naming the key for a bad setting."""
 REGISTRY: dict[str, PolicyFactory] = {
     "exclusion": exclusion.from_table,
     "consent": consent.from_table,
+    "header_sanity": header_sanity.from_table,
+    "sender_domains": sender_domains.from_table,
 }
 """Every built-in check, by name (= its module and its relay.toml table)."""
 

@@ -1,0 +1,410 @@
+"""sender_domains: From, Sender, Reply-To and MAIL FROM name the account's domains."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.base import (
+    AccountPolicy,
+    MessageKind,
+    Outcome,
+    Policy,
+    PolicyContext,
+    PolicyEnv,
+    Stage,
+    Verdict,
+)
+from policies.registry import PolicyFactory
+from policies.sender_domains import SenderDomains, from_table
+from relay.message import MessageView
+
+NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+class FrozenClock:
+    """A clock stopped at ``NOW``."""
+
+    def now(self) -> datetime:
+        return NOW
+
+    def monotonic(self) -> float:
+        return 0.0
+
+
+ACME = AccountPolicy(
+    name="acme",
+    domains={
+        "acme.example": date(2024, 1, 1),
+        "acme.co.uk": date(2024, 1, 1),
+        "xn--bcher-kva.example": date(2024, 1, 1),  # bücher.example
+        "fresh.example": date(2026, 11, 13),  # ten days before NOW
+    },
+    allowed_senders=frozenset({"help.example", "billing@partner.example"}),
+)
+BARE = AccountPolicy(name="bare")
+ENV = PolicyEnv(accounts={"acme": ACME, "bare": BARE}, clock=FrozenClock())
+
+
+def build(**table: Any) -> SenderDomains:
+    return from_table(table, ENV)
+
+
+def message(*headers: str | bytes) -> MessageView:
+    """A message with these header lines (CRLF added) and a short body."""
+    lines = [h if isinstance(h, bytes) else h.encode() for h in headers]
+    return MessageView(b"".join(line + b"\r\n" for line in lines) + b"\r\nHi\r\n")
+
+
+def check(
+    *headers: str | bytes,
+    policy: SenderDomains | None = None,
+    account: str = "acme",
+    mail_from: str = "news@acme.example",
+    kind: MessageKind = MessageKind.MARKETING,
+) -> Verdict:
+    ctx = PolicyContext(
+        stage=Stage.DATA,
+        account=account,
+        mail_from=mail_from,
+        received_at=NOW,
+        message=message(*headers),
+        kind=kind,
+    )
+    return asyncio.run((policy or build()).check(ctx))
+
+
+def reason(*headers: str | bytes, **kwargs: Any) -> str:
+    verdict = check(*headers, **kwargs)
+    assert (verdict.outcome is Outcome.PASS) == (verdict.reason == "")
+    return verdict.reason
+
+
+def test_the_accounts_own_address_is_accepted() -> None:
+    verdict = check("From: Acme News <news@acme.example>", "Subject: Hi")
+    assert verdict.outcome is Outcome.PASS
+
+
+@pytest.mark.parametrize("kind", list(MessageKind))
+def test_another_domain_in_from_is_refused_naming_it(kind: MessageKind) -> None:
+    """Transactional and marketing mail are held to the same rule."""
+    verdict = check("From: news@someone-else.example", kind=kind)
+    assert verdict.outcome is Outcome.REFUSE
+    assert verdict.reason == "from_domain_not_owned"
+    assert verdict.detail == (
+        "From domain someone-else.example is not a domain of account acme"
+    )
+
+
+def test_a_subdomain_aligns_when_relaxed_but_not_when_strict() -> None:
+    header = "From: news@mail.acme.co.uk"
+    assert reason(header) == ""
+    assert reason(header, policy=build(alignment="relaxed")) == ""
+    strict = check(header, policy=build(alignment="strict"))
+    assert strict.reason == "from_domain_not_owned"
+    assert "mail.acme.co.uk" in strict.detail
+    assert "strict" in strict.detail
+
+
+def test_a_sibling_under_a_public_suffix_does_not_align() -> None:
+    """co.uk is a public suffix: other.co.uk is another organisation."""
+    assert reason("From: news@other.co.uk") == "from_domain_not_owned"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["NEWS@ACME.EXAMPLE", "News@Acme.Example", "news@aCmE.eXaMpLe"],
+)
+def test_upper_and_mixed_case_addresses_are_accepted(address: str) -> None:
+    assert reason(f"From: {address}", mail_from="NEWS@Acme.Example") == ""
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "From: news@xn--bcher-kva.example",
+        "From: news@XN--BCHER-KVA.EXAMPLE",
+        "From: =?utf-8?q?B=C3=BCcher?= <news@bücher.example>",
+        "From: news@BÜCHER.example",
+    ],
+)
+def test_an_idn_matches_in_unicode_and_punycode(header: str) -> None:
+    assert reason(header, mail_from="news@bücher.example") == ""
+
+
+def test_a_young_domain_is_refused_with_its_age_and_the_minimum() -> None:
+    verdict = check("From: news@fresh.example", mail_from="news@fresh.example")
+    assert verdict.reason == "domain_too_young"
+    assert "10 days old" in verdict.detail
+    assert "30 days" in verdict.detail
+    assert verdict.figures == {"age_days": 10, "min_age_days": 30}
+
+
+def test_the_minimum_age_is_a_setting() -> None:
+    policy = build(min_domain_age="7d")
+    assert reason("From: news@fresh.example", policy=policy, mail_from="") == ""
+
+
+def test_reply_to_at_a_free_mail_provider_is_refused_as_such() -> None:
+    verdict = check("From: news@acme.example", "Reply-To: acme.support@gmail.com")
+    assert verdict.reason == "reply_to_free_mail"
+    assert "gmail.com" in verdict.detail
+
+
+def test_the_free_mail_list_is_a_setting() -> None:
+    policy = build(free_mail_domains=["mailbox.example"])
+    headers = ("From: news@acme.example", "Reply-To: x@mailbox.example")
+    assert reason(*headers, policy=policy) == "reply_to_free_mail"
+    gmail = ("From: news@acme.example", "Reply-To: x@gmail.com")
+    assert reason(*gmail, policy=policy) == "reply_to_domain_not_owned"
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    [
+        "Reply-To: Help <desk@help.example>",
+        "Reply-To: desk@HELP.example",
+        "Reply-To: billing@partner.example",
+        "Reply-To: desk@acme.example, Help <desk@help.example>",
+    ],
+)
+def test_reply_to_listed_in_allowed_senders_is_accepted(reply_to: str) -> None:
+    assert reason("From: news@acme.example", reply_to) == ""
+
+
+def test_only_the_listed_address_of_an_allowed_sender_domain_is_allowed() -> None:
+    headers = ("From: news@acme.example", "Reply-To: sales@partner.example")
+    assert reason(*headers) == "reply_to_domain_not_owned"
+
+
+def test_every_reply_to_mailbox_must_be_owned_or_allowed() -> None:
+    headers = ("From: news@acme.example", "Reply-To: a@acme.example, b@evil.example")
+    verdict = check(*headers)
+    assert verdict.reason == "reply_to_domain_not_owned"
+    assert "evil.example" in verdict.detail
+
+
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("Sender: ops@acme.example", ""),
+        ("Sender: ops@help.example", ""),
+        ("Sender: ops@evil.example", "sender_domain_not_owned"),
+        ("Sender: ops@yahoo.com", "sender_free_mail"),
+        ("Sender: a@acme.example, b@acme.example", "sender_unparsable"),
+        ("Sender: ops@", "sender_unparsable"),
+    ],
+)
+def test_sender_aligns_like_from(sender: str, expected: str) -> None:
+    assert reason("From: news@acme.example", sender) == expected
+
+
+def test_an_unparsable_reply_to_is_refused() -> None:
+    headers = ("From: news@acme.example", "Reply-To: <not an address")
+    assert reason(*headers) == "reply_to_unparsable"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        'From: "support@paypal.com" <news@acme.example>',
+        "From: PayPal.com Security <news@acme.example>",
+        "From: =?utf-8?b?c3VwcG9ydEBwYXlwYWwuY29t?= <news@acme.example>",
+        'From: "support\uff20paypal\uff0ecom" <news@acme.example>',
+        "From: paypal\u3002com <news@acme.example>",
+        "From: pay\u200bpal.com <news@acme.example>",
+        "From: =?utf-8?q?p=D0=B0ypal=2Ecom?= <news@acme.example>",
+        'From: "Alerts (security@someone-else.example)" <news@acme.example>',
+    ],
+)
+def test_a_display_name_naming_another_domain_is_refused(header: str) -> None:
+    verdict = check(header)
+    assert verdict.reason == "display_name_spoofing", header
+    assert "From display name" in verdict.detail
+
+
+def test_the_fullwidth_at_sign_trick_names_the_normalised_domain() -> None:
+    verdict = check("From: support\uff20paypal\uff0ecom <news@acme.example>")
+    assert verdict.reason == "display_name_spoofing"
+    assert "paypal.com" in verdict.detail
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "From: Acme News <news@acme.example>",
+        "From: news@acme.example (Acme News)",
+        'From: "news@acme.example" <news@acme.example>',
+        "From: Acme.co.uk <news@acme.example>",
+        "From: Shop at www.acme.co.uk <news@acme.example>",
+        "From: Mr.Smith <news@acme.example>",
+        "From: J. R. Smith of Acme Inc. <news@acme.example>",
+        "From: Version 2.0 News <news@acme.example>",
+    ],
+)
+def test_plain_and_own_display_names_are_accepted(header: str) -> None:
+    assert reason(header) == ""
+
+
+def test_a_display_name_may_name_an_own_subdomain_under_strict_alignment() -> None:
+    header = "From: Shop at www.acme.example <news@acme.example>"
+    assert reason(header, policy=build(alignment="strict")) == ""
+    spoof = "From: Shop at paypal.com <news@acme.example>"
+    assert reason(spoof, policy=build(alignment="strict")) == "display_name_spoofing"
+
+
+def test_a_spoofing_display_name_in_reply_to_is_refused() -> None:
+    headers = (
+        "From: news@acme.example",
+        'Reply-To: "security@bank.example.com" <desk@acme.example>',
+    )
+    assert reason(*headers) == "display_name_spoofing"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("From: a@acme.example, b@acme.example", "from_not_single_mailbox"),
+        ("From: Team: a@acme.example;", "from_not_single_mailbox"),
+        ("From: Team: a@acme.example, b@acme.example;", "from_not_single_mailbox"),
+        ("From: undisclosed:;", "from_not_single_mailbox"),
+        ("From:", "from_not_single_mailbox"),
+        ("From: not an address", "from_unparsable"),
+        ("From: news@", "from_unparsable"),
+        ("From: <news@acme.example", "from_unparsable"),
+        ("From: news@[192.0.2.1]", "from_unparsable"),
+        ("From: news@acme", "from_unparsable"),
+        ("From: support@paypal.com <news@acme.example>", "from_unparsable"),
+    ],
+)
+def test_from_must_hold_exactly_one_readable_mailbox(
+    header: str, expected: str
+) -> None:
+    assert reason(header) == expected
+
+
+def test_a_missing_from_is_refused() -> None:
+    assert reason("Subject: no sender") == "from_missing"
+
+
+def test_several_from_fields_are_refused() -> None:
+    headers = ("From: news@acme.example", "From: news@someone-else.example")
+    verdict = check(*headers)
+    assert verdict.reason == "from_duplicated"
+    assert verdict.figures == {"count": 2}
+
+
+def test_from_bytes_that_are_not_utf8_are_unparsable() -> None:
+    assert reason(b"From: news@b\xfccher.example") == "from_unparsable"
+
+
+def test_a_raw_utf8_from_is_read_as_text() -> None:
+    """RFC 6532: an SMTPUTF8 message may carry UTF-8 in its headers."""
+    assert reason("From: Bücher <news@bücher.example>".encode()) == ""
+
+
+def test_a_misaligned_envelope_sender_is_refused() -> None:
+    verdict = check("From: news@acme.example", mail_from="bounces@esp.example")
+    assert verdict.reason == "envelope_domain_not_owned"
+    assert "esp.example" in verdict.detail
+
+
+def test_an_aligned_envelope_subdomain_is_accepted() -> None:
+    headers = ("From: news@acme.example",)
+    assert reason(*headers, mail_from="b-123@bounces.acme.example") == ""
+
+
+def test_the_null_sender_is_exempt_from_envelope_alignment() -> None:
+    assert reason("From: news@acme.example", mail_from="") == ""
+
+
+def test_envelope_alignment_can_be_switched_off() -> None:
+    policy = build(check_envelope=False)
+    kwargs: dict[str, Any] = {"policy": policy, "mail_from": "x@esp.example"}
+    assert reason("From: news@acme.example", **kwargs) == ""
+
+
+def test_an_account_without_domains_is_refused_naming_the_setting() -> None:
+    verdict = check("From: news@acme.example", account="bare")
+    assert verdict.reason == "no_sender_domains"
+    assert "[accounts.bare] domains is empty" in verdict.detail
+
+
+def test_an_unknown_account_is_refused() -> None:
+    assert reason("From: news@acme.example", account="ghost") == "unknown_account"
+
+
+def test_it_is_a_data_stage_policy_the_registry_can_build() -> None:
+    """The annotations make mypy prove conformance to the protocols."""
+    factory: PolicyFactory = from_table
+    policy: Policy = factory({}, ENV)
+    assert isinstance(policy, SenderDomains)
+    assert policy.stages == {Stage.DATA}
+
+
+def test_defaults() -> None:
+    settings_ = build().settings
+    assert settings_.alignment == "relaxed"
+    assert settings_.min_domain_age_seconds == 30 * 86400
+    assert settings_.check_envelope is True
+    assert {"gmail.com", "yahoo.com", "proton.me", "gmx.de"} <= (
+        settings_.free_mail_domains
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"alignmnet": "strict"}, "alignmnet"),
+        ({"alignment": "loose"}, "alignment"),
+        ({"min_domain_age": "soon"}, "min_domain_age"),
+        ({"min_domain_age_seconds": 10}, "min_domain_age_seconds"),
+        ({"check_envelope": "yes"}, "check_envelope"),
+        ({"free_mail_domains": ["not a domain"]}, "free_mail_domains"),
+    ],
+)
+def test_a_bad_or_unknown_setting_is_a_value_error_naming_the_key(
+    table: Mapping[str, Any], key: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"^{key}\b"):
+        from_table(table, ENV)
+
+
+HEADER_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=80
+) | st.sampled_from(
+    [
+        "x@",
+        "@",
+        "<>",
+        '"',
+        "a@b@c",
+        "=?utf-8?q?a=0Db?= <x@acme.example>",
+        "=?utf-8?b?/w==?= <x@acme.example>",
+        "g:;",
+        "(comment",
+        "\\",
+        "x@[",
+        "a@acme.example, ,, b@",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(from_=HEADER_TEXT, reply_to=HEADER_TEXT)
+def test_any_from_or_reply_to_text_yields_a_verdict(from_: str, reply_to: str) -> None:
+    verdict = check(f"From: {from_}", f"Reply-To: {reply_to}", f"Sender: {from_}")
+    assert verdict.outcome in {Outcome.PASS, Outcome.REFUSE}
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=80).filter(lambda b: b"\r\n" not in b))
+def test_any_from_bytes_yield_a_verdict(raw: bytes) -> None:
+    verdict = check(b"From: " + raw, b"Reply-To: " + raw)
+    assert verdict.outcome in {Outcome.PASS, Outcome.REFUSE}
