@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import aiosmtplib
@@ -103,7 +103,7 @@ async def test_dishonest_senders_are_refused_naming_the_rule(
 async def test_young_domain_is_refused_with_its_age(
     start_relay: StartRelay,
 ) -> None:
-    young = date.today() - timedelta(days=10)
+    young = datetime.now(UTC).date() - timedelta(days=10)
     relay = await start_relay(config("sender_domains", domains={"acme.example": young}))
     text = await refused(relay, message())
     assert "sender_domains" in text
