@@ -1,4 +1,5 @@
-"""Storage: one interface (``base``), the SQLite backend, address normalisation."""
+"""Storage: one interface (``base``), the SQLite backend, address normalisation,
+and the exclusion-list and consent file formats (``imports``)."""
 
 from storage.addresses import (
     AddressError,
@@ -7,33 +8,59 @@ from storage.addresses import (
     domain_of,
 )
 from storage.base import (
+    NEVER_EXPIRES,
+    REFUSES_EVERY_CATEGORY,
     AttemptRecord,
     BounceType,
+    ConsentRecord,
+    ConsentSource,
+    ConsentStore,
     Event,
     EventKind,
     EventStore,
     NewMessage,
+    OptInType,
     QueuedMessage,
     QueueStats,
     QueueStore,
     RecipientResult,
     RecipientState,
     Store,
+    Suppression,
+    SuppressionReason,
+    SuppressionRemoval,
+    SuppressionStore,
 )
 from storage.errors import StorageError, StorageFullError, StorageUnavailableError
+from storage.imports import (
+    ImportProblem,
+    ImportProblems,
+    detect_format,
+    parse_consents,
+    parse_suppressions_csv,
+    write_suppressions_csv,
+)
 from storage.sqlite import SqliteStore
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted(), as tests/test_exports.py pins
     "AddressError",
     "AttemptRecord",
     "BounceType",
+    "ConsentRecord",
+    "ConsentSource",
+    "ConsentStore",
     "Event",
     "EventKind",
     "EventStore",
+    "ImportProblem",
+    "ImportProblems",
+    "NEVER_EXPIRES",
     "NewMessage",
+    "OptInType",
     "QueueStats",
     "QueueStore",
     "QueuedMessage",
+    "REFUSES_EVERY_CATEGORY",
     "RecipientResult",
     "RecipientState",
     "SqliteStore",
@@ -41,7 +68,15 @@ __all__ = [
     "StorageFullError",
     "StorageUnavailableError",
     "Store",
+    "Suppression",
+    "SuppressionReason",
+    "SuppressionRemoval",
+    "SuppressionStore",
     "canonical_address",
     "canonical_domain",
+    "detect_format",
     "domain_of",
+    "parse_consents",
+    "parse_suppressions_csv",
+    "write_suppressions_csv",
 ]

@@ -297,7 +297,7 @@ class EventStore(Protocol):
         ...
 
     async def add_events(self, events: Sequence[Event]) -> None:
-        """Record events durably (one commit); duplicates by ``dedup_key`` count once."""
+        """Record events durably (one commit); a repeated ``dedup_key`` counts once."""
         ...
 
 

@@ -3,7 +3,8 @@
 Every write goes through one writer task. It takes all writes waiting at that moment,
 applies them in one transaction and commits once, so transactions that complete
 together share one fsync; each caller's await returns only after that commit.
-Reads use a second connection, which WAL lets run beside the writer.
+Reads use a second connection, which WAL lets run beside the writer. The exclusion
+list and consent ledger live in :mod:`storage.sqlite_lists`, mixed in here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from storage.base import (
     QueueStats,
 )
 from storage.errors import StorageError, StorageFullError, StorageUnavailableError
+from storage.sqlite_lists import SqliteLists
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +180,7 @@ def _attempt_rows(record: AttemptRecord) -> list[Statement]:
     return statements
 
 
-class SqliteStore:
+class SqliteStore(SqliteLists):
     """The embedded store: one database file, WAL, group-committed writes."""
 
     def __init__(
@@ -373,11 +375,15 @@ class SqliteStore:
 
     # -- QueueStore -----------------------------------------------------------
 
-    async def enqueue(self, message: NewMessage) -> None:
-        """Make the message durable; returns after the shared commit."""
+    async def enqueue(
+        self, *messages: NewMessage, events: Sequence[Event] = ()
+    ) -> None:
+        """Make the messages and events durable; returns after the shared commit."""
         if not await self.free_space_ok():
             raise StorageFullError("free disk space below the configured minimum")
-        await self._submit(_message_rows(message))
+        statements = [row for message in messages for row in _message_rows(message)]
+        statements.extend(_event_row(event) for event in events)
+        await self._submit(statements)
 
     async def record_attempt(self, record: AttemptRecord) -> None:
         """Apply one attempt's per-recipient results, events and DSNs together."""
@@ -410,6 +416,13 @@ class SqliteStore:
             return cur.rowcount > 0  # the trigger takes the recipients along
 
         return bool(await self._submit([], run))
+
+    # -- EventStore -----------------------------------------------------------
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        """Record events in one commit; a repeated ``dedup_key`` is ignored."""
+        if events:
+            await self._submit([_event_row(event) for event in events])
 
     # -- reads ----------------------------------------------------------------
 
