@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from config.models import RelayConfig
 from config.units import parse_duration
-from policies import consent, exclusion, header_sanity, sender_domains
+from policies import (
+    consent,
+    content_categories,
+    exclusion,
+    header_sanity,
+    optout_link,
+    sender_domains,
+)
 from policies.base import AccountPolicy, MessageKind, Mode, OnError, Policy, PolicyEnv
 from storage.addresses import AddressError, canonical_address, canonical_domain
 
@@ -32,6 +39,8 @@ REGISTRY: dict[str, PolicyFactory] = {
     "consent": consent.from_table,
     "header_sanity": header_sanity.from_table,
     "sender_domains": sender_domains.from_table,
+    "optout_link": optout_link.from_table,
+    "content_categories": content_categories.from_table,
 }
 """Every built-in check, by name (= its module and its relay.toml table)."""
 

@@ -18,6 +18,7 @@ import structlog
 
 from config.models import RelayConfig, split_listen
 from policies.base import MessageKind
+from policies.content_categories import ContentCategories
 from policies.registry import pipeline_for
 from relay import __version__, replies
 from relay.auth import Authenticator
@@ -104,6 +105,9 @@ class Relay:
         self.handler.list_unsubscribe = list_unsubscribe_for(
             config, self.handler.pipeline
         )
+        content = self.handler.pipeline.policy("content_categories")
+        if isinstance(content, ContentCategories):
+            content.on_warning = self.handler.spam_subject_warning
         smtp_host, smtp_port = split_listen(server.listen)
         self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)
         http_host, http_port = split_listen(config.http.listen)

@@ -99,6 +99,12 @@ class Metrics:
             ["policy", "stage", "outcome", "mode"],
             registry=r,
         )
+        self.spam_subject_warnings_total = Counter(
+            "relay_spam_subject_warnings_total",
+            "Messages whose Subject holds spam-trigger phrases (warned, not refused).",
+            ["account"],
+            registry=r,
+        )
         self.policy_errors_total = Counter(
             "relay_policy_errors_total",
             "Policy checks that failed or timed out.",

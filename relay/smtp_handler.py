@@ -669,6 +669,11 @@ class RelayHandler:
             detail=verdict.detail or None,
         )
 
+    def spam_subject_warning(self, account: str, phrases: list[str]) -> None:
+        """Spam-trigger phrases in a Subject: a warning, never a refusal."""
+        self._metrics.spam_subject_warnings_total.labels(account).inc()
+        log.warning("spam_subject_phrases", phrases=phrases[:5])
+
     def protocol_error(self, reason: str, line: str) -> None:
         """aiosmtpd refused a command itself: a log line and a metric."""
         self._metrics.smtp_protocol_errors_total.labels(reason).inc()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from email import message_from_bytes, policy
 from typing import Any
 
 import aiosmtplib
 import pytest
 
 from relay.app import Relay
-from tests.conftest import ACCOUNT, StartRelay, client, message
+from relay.list_unsubscribe import UNSUBSCRIBE
+from relay.tokens import TokenSigner
+from tests.conftest import ACCOUNT, StartRelay, client, message, strip_received
 from tests.support.upstream import CaptureUpstream
 
 OLD = date(2024, 1, 15)
@@ -140,3 +143,133 @@ async def test_monitor_mode_delivers_what_it_would_refuse(
         },
     )
     assert verdicts == 1
+
+
+SECRET = "a-feedback-secret-of-at-least-32-characters"
+LINK_BODY = (
+    "Our autumn collection is here.\r\n\r\n"
+    "Unsubscribe: https://acme.example/unsubscribe?u=42\r\n"
+)
+
+
+def marketing(**extra: Any) -> dict[str, Any]:
+    """Opt-out link enforced for a marketing account, List-Unsubscribe added."""
+    overrides = config(
+        "optout_link", account={"default_category": "marketing"}, **extra
+    )
+    overrides["feedback"] = {"secret": SECRET}
+    overrides["http"] = {"public_url": "https://relay.example"}
+    return overrides
+
+
+async def test_marketing_without_an_optout_link_is_refused(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(marketing())
+    text = await refused(relay, message(body="Buy our autumn collection!\r\n"))
+    assert text.startswith(
+        "5.7.1 Refused by policy optout_link: marketing message has no visible "
+        "opt-out link"
+    )
+    assert upstream.messages == []
+
+
+async def test_transactional_mail_needs_no_optout_link(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(marketing())
+    await send(
+        relay,
+        message(
+            body="Your password reset code is 123456.\r\n",
+            extra_headers="X-Relay-Category: transactional\r\n",
+        ),
+    )
+    (got,) = await upstream.wait_for(1)
+    assert b"List-Unsubscribe" not in got.content
+
+
+async def test_relay_adds_a_signed_list_unsubscribe_per_recipient(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(marketing())
+    smtp = await client(relay)
+    _, reply = await smtp.sendmail(
+        "news@acme.example",
+        ["jane@example.org", "john@example.org"],
+        message(body=LINK_BODY),
+    )
+    await smtp.quit()
+    queue_id = reply.rsplit(" ", 1)[1]
+    await upstream.wait_for(2)
+    signer = TokenSigner(SECRET)
+    for rcpt in ("jane@example.org", "john@example.org"):
+        (got,) = upstream.to(rcpt)
+        assert got.rcpt_tos == [rcpt]
+        parsed = message_from_bytes(got.content, policy=policy.default)
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        url = str(parsed["List-Unsubscribe"]).strip("<>")
+        assert url.startswith("https://relay.example/unsubscribe/")
+        token = url.rsplit("/", 1)[1]
+        assert signer.verify(UNSUBSCRIBE, token) == (ACCOUNT, rcpt, queue_id)
+        # Added above the mailer's headers, below the relay's Received.
+        _, rest = strip_received(got.content)
+        assert rest.startswith(b"List-Unsubscribe: <https://relay.example/")
+
+
+async def test_a_mailers_own_list_unsubscribe_is_kept(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(marketing())
+    own = "List-Unsubscribe: <mailto:leave@acme.example>\r\n"
+    await send(relay, message(body=LINK_BODY, extra_headers=own))
+    (got,) = await upstream.wait_for(1)
+    assert got.content.count(b"List-Unsubscribe:") == 1
+    assert own.encode() in got.content
+
+
+async def test_refuse_mode_requires_the_mailers_list_unsubscribe(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay(marketing(optout_link={"list_unsubscribe": "refuse"}))
+    text = await refused(relay, message(body=LINK_BODY))
+    assert "List-Unsubscribe" in text
+
+
+PAYDAY = (
+    "Need money before payday? Get a payday loan today: no credit check, "
+    "guaranteed approval, fast cash.\r\n"
+)
+
+
+async def test_prohibited_content_is_refused_naming_category_and_terms(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(config("content_categories"))
+    text = await refused(relay, message(subject="Cash today", body=PAYDAY))
+    assert text.startswith("5.7.1 Refused by policy content_categories:")
+    assert "payday_loans" in text
+    assert "payday loan" in text
+    assert upstream.messages == []
+
+
+async def test_an_account_allowed_the_category_may_send_it(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(
+        config("content_categories", account={"allowed_content": ["payday_loans"]})
+    )
+    await send(relay, message(subject="Cash today", body=PAYDAY))
+    await upstream.wait_for(1)
+
+
+async def test_spam_subject_phrases_warn_without_refusing(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(config("content_categories"))
+    await send(relay, message(subject="Act now: limited time offer"))
+    await upstream.wait_for(1)
+    warned = relay.metrics.registry.get_sample_value(
+        "relay_spam_subject_warnings_total", {"account": ACCOUNT}
+    )
+    assert warned == 1
