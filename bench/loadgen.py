@@ -40,8 +40,13 @@ _PROSE = (
 )
 _WORDS = tuple(_PROSE.split())
 
-SENDER = "bench-sender@bench.test"
+SENDER_DOMAIN = "bench.test"
+SENDER = f"bench-sender@{SENDER_DOMAIN}"
 RECIPIENT_DOMAIN = "example.net"
+
+MESSAGE_KINDS = ("marketing", "plain")
+"""``marketing``: multipart/alternative newsletter that passes every policy check;
+``plain``: the original plain-text message (transactional, no list headers)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class LoadSpec:
     password: str | None = None
     run_id: str = "run"
     reply_timeout: float = 60.0
+    message: str = "marketing"
 
 
 @dataclass
@@ -130,24 +136,117 @@ def _body(length: int) -> bytes:
     return body
 
 
+def prose(length: int) -> bytes:
+    """Exactly ``length`` bytes (>= 3) of CRLF lines of prose, each < 78 bytes."""
+    return _body(length)
+
+
 def recipient(seq: int) -> str:
     return f"user{seq}@{RECIPIENT_DOMAIN}"
 
 
-def make_message(seq: int, size: int, run_id: str) -> bytes:
-    """A plain RFC 5322 message of ``size`` bytes (before the final ``.``)."""
+def make_message(seq: int, size: int, run_id: str, kind: str = "marketing") -> bytes:
+    """A message of ``size`` bytes (before the final ``.``), or of the smallest
+    size its kind allows (:func:`minimum_size`) if that is larger."""
+    if kind == "plain":
+        return make_plain(seq, size, run_id)
+    if kind == "marketing":
+        return make_marketing(seq, size, run_id)
+    raise ValueError(f"unknown message kind {kind!r}")
+
+
+def make_plain(seq: int, size: int, run_id: str) -> bytes:
+    """A plain RFC 5322 message of ``size`` bytes, no list headers (transactional
+    to the relay's classifier)."""
     headers = (
         f"From: Bench Sender <{SENDER}>\r\n"
         f"To: <{recipient(seq)}>\r\n"
         f"Subject: Benchmark message {seq} of {run_id}\r\n"
         f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
-        f"Message-ID: <{run_id}.{seq}@bench.test>\r\n"
+        f"Message-ID: <{run_id}.{seq}@{SENDER_DOMAIN}>\r\n"
         "MIME-Version: 1.0\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n"
         "Content-Transfer-Encoding: 7bit\r\n"
         "\r\n"
     ).encode()
     return headers + _body(max(3, size - len(headers)))
+
+
+def unsubscribe_url(seq: int) -> str:
+    """The sender's own unsubscribe link for recipient ``seq``."""
+    return f"https://{SENDER_DOMAIN}/unsubscribe?u={seq}"
+
+
+def _marketing_frame(seq: int, run_id: str) -> tuple[bytes, bytes, bytes]:
+    """Headers + text part opening, text part end + HTML part opening, and the
+    HTML end + closing delimiter; the prose goes between them."""
+    boundary = f"=_bench_{seq}"
+    url = unsubscribe_url(seq)
+    head = (
+        f"From: Bench News <{SENDER}>\r\n"
+        f"To: <{recipient(seq)}>\r\n"
+        f"Subject: Weekly offers {seq} of {run_id}\r\n"
+        f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
+        f"Message-ID: <{run_id}.{seq}@{SENDER_DOMAIN}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "X-Relay-Category: marketing\r\n"
+        f"List-Unsubscribe: <{url}>,\r\n"
+        f" <mailto:unsubscribe@{SENDER_DOMAIN}?subject=unsubscribe%20{seq}>\r\n"
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n'
+        "\r\n"
+        "This is a multi-part message in MIME format.\r\n"
+        "\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n"
+        "\r\n"
+        "Hello,\r\n"
+        "\r\n"
+    )
+    middle = (
+        "\r\n"
+        "You receive this newsletter because you subscribed to it.\r\n"
+        f"Unsubscribe: {url}\r\n"
+        "\r\n"
+        f"--{boundary}\r\n"
+        "Content-Type: text/html; charset=us-ascii\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n"
+        "\r\n"
+        "<!DOCTYPE html>\r\n"
+        "<html><head><title>Weekly offers</title></head>\r\n"
+        "<body>\r\n"
+        "<p>Hello,</p>\r\n"
+        "<p>\r\n"
+    )
+    tail = (
+        "</p>\r\n"
+        "<p>You receive this newsletter because you subscribed to it.\r\n"
+        f'<a href="{url}">Unsubscribe</a></p>\r\n'
+        "</body></html>\r\n"
+        "\r\n"
+        f"--{boundary}--\r\n"
+    )
+    return head.encode(), middle.encode(), tail.encode()
+
+
+def make_marketing(seq: int, size: int, run_id: str) -> bytes:
+    """A newsletter as an email-marketing platform sends it: multipart/alternative
+    (text and HTML with the same prose), ``X-Relay-Category: marketing``,
+    ``List-Unsubscribe`` (https + mailto) with ``List-Unsubscribe-Post``, an
+    unsubscribe link in both parts, From and Message-ID at the sender's domain."""
+    head, middle, tail = _marketing_frame(seq, run_id)
+    fill = max(6, size - len(head) - len(middle) - len(tail))
+    text = fill // 2
+    return head + _body(text) + middle + _body(fill - text) + tail
+
+
+def minimum_size(kind: str, run_id: str = "run0-relay+policies") -> int:
+    """The smallest ``size`` a message of ``kind`` can have exactly (with a
+    six-digit sequence number and a run id as long as ``run_id``)."""
+    if kind == "plain":
+        return len(make_plain(999_999, 0, run_id))
+    return sum(map(len, _marketing_frame(999_999, run_id))) + 6
 
 
 # -- the client --------------------------------------------------------------
@@ -358,7 +457,7 @@ async def _worker_async(
     messages = {
         seq: (
             f"RCPT TO:<{recipient(seq)}>\r\n".encode(),
-            make_message(seq, spec.size, spec.run_id) + b".\r\n",
+            make_message(seq, spec.size, spec.run_id, spec.message) + b".\r\n",
         )
         for seq in range(first, first + count)
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Throughput benchmark: the relay vs. a pass-through reference vs. Postfix.
+"""Throughput benchmark: the relay (policies off, and every policy enforced) vs.
+a pass-through reference vs. Postfix.
 
 ``python bench/run.py [--messages N] [--concurrency K] [--size BYTES]
 [--skip-postfix] [--json out.json]``
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from loadgen import LoadResult, LoadRun, LoadSpec
+from benchconf import (
+    ACCOUNT,
+    WANTED_POLICIES,
+    policy_order,
+    recipients,
+    registered_policies,
+    relay_toml,
+    write_consents_csv,
+    write_suppressions_csv,
+)
+from loadgen import MESSAGE_KINDS, LoadResult, LoadRun, LoadSpec, minimum_size
 from postfix import PostfixTarget, ensure_installed
 from procstats import (
     RssSampler,
@@ -43,11 +55,20 @@ from sink import Sink, free_port, wait_smtp_banner
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-RELAY_USER = "bench"
+RELAY_USER = ACCOUNT
 RELAY_PASSWORD = "benchpass"  # noqa: S105 - a throwaway account in a temp config
 
 GOAL_VS_PASSTHROUGH = 0.80
 GOAL_VS_POSTFIX = 1.2
+GOAL_POLICIES_VS_OFF = 0.80
+"""relay+policies delivered/s over relay delivered/s: every check costs <= 20%."""
+
+RATIO_GOALS = (
+    ("relay", "pass-through", GOAL_VS_PASSTHROUGH),
+    ("relay", "postfix", GOAL_VS_POSTFIX),
+    ("relay+policies", "relay", GOAL_POLICIES_VS_OFF),
+)
+"""(numerator target, denominator target, goal for the delivered/s ratio)."""
 
 
 class Target(Protocol):
@@ -192,46 +213,78 @@ def relay_usable() -> str | None:
     return None
 
 
-RELAY_TOML = """\
-[server]
-hostname = "relay.bench.test"
-listen = "{host}:{port}"
-allow_cleartext_auth = true
-max_sessions = 1000
+@dataclass(frozen=True)
+class RelayLists:
+    """What both relay targets load into their database before they start."""
 
-[http]
-listen = "{host}:{http_port}"
-public_url = "http://{host}:{http_port}"
+    consents: int
+    """Consent records (double opt-in) for ``user0`` ... ``user{consents-1}``."""
+    suppressions: int
+    """Generated exclusion-list entries (none of them a generated recipient)."""
 
-[storage]
-url = "sqlite:///{db}"
 
-[upstream]
-url = "smtp://{sink_host}:{sink_port}"
-pool_size = {pool_size}
+class _ListFiles:
+    """The CSV files of :class:`RelayLists`, written once per run and shared."""
 
-[queue]
-send_dsn = false
+    def __init__(self, workdir: Path, lists: RelayLists) -> None:
+        self.lists = lists
+        self.consents = workdir / "consents.csv"
+        self.suppressions = workdir / "suppressions.csv"
+        self._written = False
 
-[log]
-level = "warning"
+    def write(self) -> None:
+        if self._written:
+            return
+        write_consents_csv(self.consents, recipients(self.lists.consents))
+        write_suppressions_csv(self.suppressions, self.lists.suppressions)
+        self._written = True
 
-[accounts.{user}]
-password_hash = "{password_hash}"
-"""
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Prometheus text exposition -> {(name, sorted labels): value}."""
+    samples: Samples = {}
+    for line in text.splitlines():
+        found = _SAMPLE.match(line)
+        if found is None:
+            continue
+        labels = tuple(sorted(_LABEL.findall(found.group(2) or "")))
+        try:
+            samples[found.group(1), labels] = float(found.group(3))
+        except ValueError:
+            continue
+    return samples
 
 
 class RelayTarget:
-    """The product: ``relay serve -c <tmp>/relay.toml``."""
+    """The product: ``relay serve -c <tmp>/<name>/relay.toml``.
 
-    name = "relay"
+    ``order`` lists the enforced checks (``[policies] order``); empty for the
+    policies-off relay. Both load the same lists into their database first.
+    """
+
     credentials: tuple[str, str] | None = (RELAY_USER, RELAY_PASSWORD)
 
     def __init__(
-        self, workdir: Path, pool_size: int, profile: str | None = None
+        self,
+        workdir: Path,
+        pool_size: int,
+        profile: str | None = None,
+        *,
+        name: str = "relay",
+        order: tuple[str, ...] = (),
+        lists: _ListFiles | None = None,
     ) -> None:
+        self.name = name
+        self.order = order
+        self.lists = lists
         self.profile = profile
-        self.dir = workdir / "relay"
+        self.dir = workdir / name.replace("+", "-")
         self.pool_size = pool_size
         self.host = "127.0.0.1"
         self.port = 0
@@ -239,6 +292,7 @@ class RelayTarget:
         self.pid = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "relay.log"
+        self.setup_notes: list[str] = []
 
     def _hash_password(self) -> str:
         done = subprocess.run(
@@ -258,13 +312,41 @@ class RelayTarget:
             )
         return lines[-1].strip()
 
+    def _load_lists(self, config: Path) -> None:
+        """``relay suppress import`` and ``relay consent import`` (before serve)."""
+        if self.lists is None:
+            return
+        self.lists.write()
+        for what, path in (
+            ("suppress", self.lists.suppressions),
+            ("consent", self.lists.consents),
+        ):
+            started = time.monotonic()
+            done = subprocess.run(
+                [*relay_command(), what, "import", str(path), "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                env=relay_env(),
+                cwd=self.dir,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"relay {what} import failed ({done.returncode}): "
+                    f"{(done.stderr or done.stdout).strip()[-300:]}"
+                )
+            self.setup_notes.append(
+                f"{done.stdout.strip()} in {time.monotonic() - started:.1f}s"
+            )
+
     def start(self, sink_host: str, sink_port: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.host)
         self.http_port = free_port(self.host)
         config = self.dir / "relay.toml"
         config.write_text(
-            RELAY_TOML.format(
+            relay_toml(
                 host=self.host,
                 port=self.port,
                 http_port=self.http_port,
@@ -272,10 +354,11 @@ class RelayTarget:
                 sink_host=sink_host,
                 sink_port=sink_port,
                 pool_size=self.pool_size,
-                user=RELAY_USER,
                 password_hash=self._hash_password(),
+                order=self.order,
             )
         )
+        self._load_lists(config)
         command = [*relay_command(), "serve", "-c", str(config)]
         if self.profile:
             # cProfile writes its file when the relay returns after SIGTERM.
@@ -325,6 +408,10 @@ class RelayTarget:
         except (urllib.error.URLError, OSError):
             return ""
 
+    def samples(self) -> Samples:
+        """The relay's metrics now, parsed (empty if /metrics does not answer)."""
+        return parse_metrics(self.metrics())
+
 
 # -- measuring ----------------------------------------------------------------
 
@@ -354,6 +441,14 @@ class Figures:
     errors: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     runs_delivered_per_s: list[float | None] = field(default_factory=list)
+    policy_order: list[str] = field(default_factory=list)
+    policy_us_per_msg: dict[str, float] = field(default_factory=dict)
+    """Per check: its summed duration over the measured runs (the relay's
+    relay_policy_check_duration_seconds, RCPT and DATA) / messages accepted."""
+    policy_calls_per_msg: dict[str, float] = field(default_factory=dict)
+    refusals: dict[str, float] = field(default_factory=dict)
+    """Refused messages and recipients during the measured runs, by
+    policy/reason (from the relay's metrics); empty when all passed."""
 
 
 def _deadline_for(messages: int) -> float:
@@ -379,6 +474,7 @@ def run_load(
         username=user,
         password=password,
         run_id=run_id,
+        message=args.message,
     )
     load = LoadRun(spec)
     try:
@@ -415,6 +511,7 @@ def measure(target: Target, args: argparse.Namespace) -> Figures:
                     f"errors {warm.errors}"
                 )
         sampler = RssSampler(target.pid).start()
+        before = target.samples() if isinstance(target, RelayTarget) else {}
         runs: list[Figures] = []
         for number in range(args.repeat):
             run = Figures(target=target.name, messages=args.messages)
@@ -428,7 +525,13 @@ def measure(target: Target, args: argparse.Namespace) -> Figures:
                 break
         peak_tree_kib = sampler.stop()
         sampler = None
+        after = target.samples() if isinstance(target, RelayTarget) else {}
         figures = _representative(runs, figures.notes)
+        if isinstance(target, RelayTarget):
+            figures.notes[:0] = target.setup_notes
+            _policy_figures(
+                figures, target.order, before, after, sum(r.accepted for r in runs)
+            )
         figures.peak_rss_mib = max(peak_rss_kib(target.pid), peak_tree_kib) / 1024
         if figures.status != "ok":
             tail = target.log_tail()
@@ -447,6 +550,61 @@ def measure(target: Target, args: argparse.Namespace) -> Figures:
         finally:
             sink.stop()
     return figures
+
+
+def _delta(before: Samples, after: Samples, name: str, label: str) -> dict[str, float]:
+    """Increase of every ``name`` sample over the run, by its ``label`` value
+    (several samples with the same label value add up)."""
+    out: dict[str, float] = {}
+    for (sample, labels), value in after.items():
+        if sample != name:
+            continue
+        key = dict(labels).get(label, "")
+        gained = value - before.get((sample, labels), 0.0)
+        out[key] = out.get(key, 0.0) + gained
+    return out
+
+
+def _policy_figures(
+    figures: Figures,
+    order: tuple[str, ...],
+    before: Samples,
+    after: Samples,
+    accepted: int,
+) -> None:
+    """Per-check time and calls per message, and refusals, from the metrics."""
+    figures.policy_order = list(order)
+    if accepted <= 0:
+        return
+    seconds = _delta(before, after, "relay_policy_check_duration_seconds_sum", "policy")
+    calls = _delta(before, after, "relay_policy_check_duration_seconds_count", "policy")
+    for name in order:
+        figures.policy_us_per_msg[name] = seconds.get(name, 0.0) * 1e6 / accepted
+        figures.policy_calls_per_msg[name] = calls.get(name, 0.0) / accepted
+    for metric in ("relay_messages_refused_total", "relay_recipients_refused_total"):
+        for (sample, labels), value in after.items():
+            gained = value - before.get((sample, labels), 0.0)
+            if sample == metric and gained > 0:
+                found = dict(labels)
+                what = "messages" if "messages" in metric else "recipients"
+                key = f"{what} {found.get('policy', '-')}/{found.get('reason', '-')}"
+                figures.refusals[key] = figures.refusals.get(key, 0.0) + gained
+    if order:
+        total = sum(figures.policy_us_per_msg.values())
+        figures.notes.append(
+            "policy checks (relay's own timing, RCPT + DATA, per message): "
+            + ", ".join(
+                f"{name} {figures.policy_us_per_msg[name]:.0f} us"
+                f" ({figures.policy_calls_per_msg[name]:.1f} calls)"
+                for name in order
+            )
+            + f"; total {total:.0f} us"
+        )
+    if figures.refusals:
+        figures.notes.append(
+            "refused during the measured runs: "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(figures.refusals.items()))
+        )
 
 
 def _representative(runs: list[Figures], notes: list[str]) -> Figures:
@@ -524,44 +682,47 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 def print_table(results: list[Figures]) -> None:
     header = (
-        f"{'target':<13}{'accepted/s':>11}{'delivered/s':>12}{'p50 ms':>9}"
+        f"{'target':<15}{'accepted/s':>11}{'delivered/s':>12}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'CPU ms/msg':>11}{'peak RSS MiB':>13}{'failed':>8}  status"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.target:<13}{_fmt(r.accepted_per_s):>11}{_fmt(r.delivered_per_s):>12}"
+            f"{r.target:<15}{_fmt(r.accepted_per_s):>11}{_fmt(r.delivered_per_s):>12}"
             f"{_fmt(r.p50_ms, 1):>9}{_fmt(r.p99_ms, 1):>9}"
             f"{_fmt(r.cpu_ms_per_msg, 2):>11}{_fmt(r.peak_rss_mib, 1):>13}"
             f"{r.failed:>8}  {r.status}"
         )
 
 
-def ratios(results: list[Figures]) -> dict[str, dict[str, Any]]:
+def ratios(
+    results: list[Figures], missing_checks: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
     by_name = {r.target: r for r in results}
-    relay = by_name.get("relay")
     out: dict[str, dict[str, Any]] = {}
-    for other, goal in (
-        ("pass-through", GOAL_VS_PASSTHROUGH),
-        ("postfix", GOAL_VS_POSTFIX),
-    ):
-        ref = by_name.get(other)
+    for name, other, goal in RATIO_GOALS:
+        mine, ref = by_name.get(name), by_name.get(other)
         value = None
         if (
-            relay is not None
+            mine is not None
             and ref is not None
-            and relay.delivered_per_s
+            and mine.delivered_per_s
             and ref.delivered_per_s
-            and relay.status == "ok"
+            and mine.status == "ok"
             and ref.status == "ok"
         ):
-            value = relay.delivered_per_s / ref.delivered_per_s
-        out[f"relay/{other}"] = {
+            value = mine.delivered_per_s / ref.delivered_per_s
+        item: dict[str, Any] = {
             "ratio": value,
             "goal": goal,
             "met": None if value is None else value >= goal,
         }
+        if name == "relay+policies" and mine is not None:
+            item["checks"] = mine.policy_order
+            if missing_checks:
+                item["missing_checks"] = missing_checks
+        out[f"{name}/{other}"] = item
     return out
 
 
@@ -574,6 +735,8 @@ def print_ratios(table: dict[str, dict[str, Any]]) -> None:
         else:
             value = f"{item['ratio']:.2f}"
             verdict = "MET" if item["met"] else "NOT met"
+        if item.get("missing_checks"):
+            verdict += f" (without {', '.join(item['missing_checks'])})"
         print(f"  {name:<22} {value:>6}   goal >= {item['goal']:.2f}: {verdict}")
 
 
@@ -621,6 +784,8 @@ def print_profile(path: str, top: int = 25) -> None:
         return
     print(f"\nrelay profile ({path}), top {top} by own time:")
     stats.sort_stats("tottime").print_stats(top)
+    print(f"relay profile ({path}), top {top} by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(top)
 
 
 # -- main ---------------------------------------------------------------------
@@ -628,7 +793,8 @@ def print_profile(path: str, top: int = 25) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark the relay against a pass-through reference and Postfix.",
+        description="Benchmark the relay (every policy check off, and enforced) "
+        "against a pass-through reference and Postfix.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -645,7 +811,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-relay", action="store_true", help="do not run the relay"
     )
     parser.add_argument(
+        "--skip-relay-policies",
+        action="store_true",
+        help="do not run the relay with every policy check enforced",
+    )
+    parser.add_argument(
         "--skip-passthrough", action="store_true", help="do not run the pass-through"
+    )
+    parser.add_argument(
+        "--message",
+        choices=MESSAGE_KINDS,
+        default="marketing",
+        help="generated mail: a multipart newsletter that passes every check, or "
+        "the plain-text message of earlier versions (transactional to the relay)",
+    )
+    parser.add_argument(
+        "--suppressions",
+        type=int,
+        default=100_000,
+        help="exclusion-list entries loaded into both relays' databases",
+    )
+    parser.add_argument(
+        "--policies",
+        metavar="NAME,NAME",
+        help="the checks relay+policies enforces, in order (attribution "
+        "experiments); default: every registered check of the sending policy",
     )
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     parser.add_argument(
@@ -685,40 +875,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "functions (slows the relay: its figures are then not comparable)",
     )
     parser.add_argument(
+        "--profile-relay-policies",
+        metavar="OUT.prof",
+        help="the same for the relay+policies target",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory"
     )
     args = parser.parse_args(argv)
-    if args.profile_relay:
-        args.profile_relay = str(Path(args.profile_relay).resolve())
+    for name in ("profile_relay", "profile_relay_policies"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    smallest = max(512, minimum_size(args.message))
     if (
         args.messages < 1
         or args.concurrency < 1
-        or args.size < 512
+        or args.size < smallest
         or args.gen_procs < 1
         or args.repeat < 1
+        or args.suppressions < 0
     ):
         parser.error(
-            "--messages, --concurrency, --gen-procs, --repeat >= 1; --size >= 512"
+            "--messages, --concurrency, --gen-procs, --repeat >= 1; "
+            f"--suppressions >= 0; --size >= {smallest} for --message {args.message}"
         )
     return args
 
 
 def select_targets(
     args: argparse.Namespace, workdir: Path
-) -> tuple[list[Target], list[Figures]]:
-    """The targets to measure, and rows for those that cannot run (with why)."""
+) -> tuple[list[Target], list[Figures], list[str]]:
+    """The targets to measure, rows for those that cannot run (with why), and the
+    wanted checks that are not registered yet (relay+policies runs without them)."""
     targets: list[Target] = []
     skipped: list[Figures] = []
+    missing: list[str] = []
     if not args.skip_sink_check:
         targets.append(SinkDirectTarget())
     if not args.skip_passthrough:
         targets.append(PassthroughTarget(workdir, args.pool_size))
-    if not args.skip_relay:
-        problem = relay_usable()
-        if problem is None:
-            targets.append(RelayTarget(workdir, args.pool_size, args.profile_relay))
-        else:
-            skipped.append(Figures(target="relay", status=f"not run: {problem}"))
+    relays = [
+        (name, profile)
+        for name, skip, profile in (
+            ("relay", args.skip_relay, args.profile_relay),
+            ("relay+policies", args.skip_relay_policies, args.profile_relay_policies),
+        )
+        if not skip
+    ]
+    problem = relay_usable() if relays else None
+    lists = _ListFiles(
+        workdir,
+        RelayLists(
+            consents=max(args.messages, args.warmup), suppressions=args.suppressions
+        ),
+    )
+    for name, profile in relays:
+        if problem is not None:
+            skipped.append(Figures(target=name, status=f"not run: {problem}"))
+            continue
+        order: tuple[str, ...] = ()
+        if name == "relay+policies":
+            try:
+                found, missing = policy_order(
+                    registered_policies([sys.executable], relay_env())
+                )
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                skipped.append(Figures(target=name, status=f"not run: {exc}"))
+                continue
+            if args.policies is not None:
+                wanted = [n.strip() for n in args.policies.split(",") if n.strip()]
+                missing = [n for n in WANTED_POLICIES if n not in wanted]
+                found = wanted
+            order = tuple(found)
+            print(
+                f"relay+policies enforces: {', '.join(order)}"
+                + (f" (left out: {', '.join(missing)})" if missing else ""),
+                flush=True,
+            )
+        targets.append(
+            RelayTarget(
+                workdir, args.pool_size, profile, name=name, order=order, lists=lists
+            )
+        )
     if not args.skip_postfix:
         problem = (
             ensure_installed(lambda line: print(line, flush=True))
@@ -729,7 +967,7 @@ def select_targets(
             targets.append(PostfixTarget(workdir, args.postfix_set))
         else:
             skipped.append(Figures(target="postfix", status=f"not run: {problem}"))
-    return targets, skipped
+    return targets, skipped, missing
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -742,8 +980,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     workdir.chmod(0o755)  # Postfix daemons run as 'postfix' and must get in
     print(
-        f"{args.messages} messages of {args.size} bytes over {args.concurrency} "
-        f"sessions ({args.gen_procs} generator processes), warm-up {args.warmup}; "
+        f"{args.messages} {args.message} messages of {args.size} bytes over "
+        f"{args.concurrency} sessions ({args.gen_procs} generator processes), "
+        f"warm-up {args.warmup}; "
         f"{os.cpu_count()} CPUs; work dir {workdir}",
         flush=True,
     )
@@ -754,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
             "on this machine makes the figures noisy (try --repeat 3)",
             flush=True,
         )
-    targets, skipped = select_targets(args, workdir)
+    targets, skipped, missing = select_targets(args, workdir)
     results: list[Figures] = []
     try:
         for target in targets:
@@ -780,11 +1019,12 @@ def main(argv: list[str] | None = None) -> int:
     results.extend(skipped)
     print()
     print_table(results)
-    table = ratios(results)
+    table = ratios(results, missing)
     print_ratios(table)
     print_notes(results)
-    if args.profile_relay:
-        print_profile(args.profile_relay)
+    for path in (args.profile_relay, args.profile_relay_policies):
+        if path:
+            print_profile(path)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -800,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                             "gen_procs",
                             "repeat",
                             "postfix_set",
+                            "message",
+                            "suppressions",
                         )
                     },
                     "machine": {

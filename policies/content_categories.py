@@ -279,7 +279,7 @@ class ContentCategories:
         message = ctx.message
         if message is None:
             return PASS
-        subject = message.memo("subject", lambda: _subject(message))
+        subject = _subject(message)
         if self.on_warning is not None:
             phrases = self.spam_subject_phrases(subject)
             if phrases:

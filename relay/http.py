@@ -11,7 +11,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
+from relay.admin_api import AdminStore, add_admin_routes
+from relay.clock import Clock, SystemClock
 from relay.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -28,6 +31,9 @@ class HttpListener:
         *,
         is_ready: Callable[[], bool],
         refresh: Callable[[], Awaitable[None]],
+        store: AdminStore | None = None,
+        admin_token: SecretStr | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -40,6 +46,9 @@ class HttpListener:
         app.router.add_get("/metrics", self._metrics_view)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if store is not None:
+            # /api/...: the admin API (503 until [http] admin_token is set).
+            add_admin_routes(app, store, admin_token, clock or SystemClock())
         self.app = app
 
     @property
