@@ -1,6 +1,7 @@
-"""The HTTP listener (aiohttp): ``/metrics``, ``/healthz``, ``/readyz``.
+"""The HTTP listener (aiohttp): ``/metrics``, ``/healthz``, ``/readyz``, ``/api``.
 
-Later issues add ``/unsubscribe/<token>`` and the ``/api`` routes here.
+The admin API (``/api/...``, bearer token) lives in :mod:`relay.admin_api`;
+``/unsubscribe/<token>`` comes with the feedback intake.
 """
 
 from __future__ import annotations
