@@ -125,3 +125,65 @@ async def test_on_error_pass_lets_mail_through_but_still_reports_the_fault() -> 
     pipeline, seen = build((Broken("lenient"), PolicySettings(on_error=OnError.PASS)))
     assert (await pipeline.run(ctx())).passed
     assert isinstance(seen[0].error, RuntimeError)
+
+
+class SeesRecipients:
+    """Records the recipients each call saw."""
+
+    name = "sees"
+    stages = DATA
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, ...]] = []
+
+    async def check(self, ctx: PolicyContext) -> Verdict:
+        self.seen.append(ctx.recipients)
+        return PASS
+
+
+async def test_run_all_runs_every_check_but_the_first_refusal_decides() -> None:
+    first = Fixed("first", refuse("one", "first refusal"), DATA)
+    second = Fixed("second", refuse("two", "second refusal"), DATA)
+    pipeline = Pipeline(
+        [(first, PolicySettings()), (second, PolicySettings())], lambda _: None
+    )
+    decided = await pipeline.run(ctx(), run_all=True)
+    assert (decided.policy, decided.verdict.reason) == ("first", "one")
+    assert (first.calls, second.calls) == (1, 1)
+    await pipeline.run(ctx())
+    assert second.calls == 1  # without run_all the first refusal ends the stage
+
+
+async def test_a_refusal_of_some_recipients_drops_only_them() -> None:
+    some = Fixed(
+        "some",
+        Verdict(Outcome.REFUSE, "excluded", "on the list", {}, ("b@x.example",)),
+        DATA,
+    )
+    sees = SeesRecipients()
+    pipeline = Pipeline(
+        [(some, PolicySettings()), (sees, PolicySettings())], lambda _: None
+    )
+    both = PolicyContext(
+        stage=Stage.DATA,
+        account="acme",
+        mail_from="n@acme.example",
+        received_at=datetime(2026, 11, 23, tzinfo=UTC),
+        recipients=("a@x.example", "b@x.example"),
+    )
+    decided = await pipeline.run(both)
+    assert decided.passed
+    assert set(decided.dropped) == {"b@x.example"}
+    assert decided.dropped["b@x.example"][0] == "some"
+    assert sees.seen == [("a@x.example",)]
+    # A refusal naming every recipient refuses the message.
+    alone = PolicyContext(
+        stage=Stage.DATA,
+        account="acme",
+        mail_from="n@acme.example",
+        received_at=datetime(2026, 11, 23, tzinfo=UTC),
+        recipients=("b@x.example",),
+    )
+    decided = await pipeline.run(alone)
+    assert not decided.passed
+    assert decided.policy == "some"
