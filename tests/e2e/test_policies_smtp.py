@@ -273,3 +273,112 @@ async def test_spam_subject_phrases_warn_without_refusing(
         "relay_spam_subject_warnings_total", {"account": ACCOUNT}
     )
     assert warned == 1
+
+
+ALL = (
+    "exclusion",
+    "header_sanity",
+    "sender_domains",
+    "optout_link",
+    "content_categories",
+)
+HEAD = (
+    "To: jane@example.org\r\nSubject: News\r\n"
+    "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m1@acme.example>\r\n"
+    "X-Relay-Category: marketing\r\n"
+)
+UNSUB_HTML = '<p>News.</p><a href="https://acme.example/u?x=1">Se d&eacute;sabonner</a>'
+
+
+def nested(depth: int) -> str:
+    """A multipart nested ``depth`` levels deep around one HTML part."""
+    if depth == 0:
+        return f"Content-Type: text/html; charset=utf-8\r\n\r\n{UNSUB_HTML}\r\n"
+    return (
+        f'Content-Type: multipart/mixed; boundary="b{depth}"\r\n\r\n'
+        f"--b{depth}\r\n{nested(depth - 1)}--b{depth}--\r\n"
+    )
+
+
+BAD_INPUT = {
+    "unparsable From": (
+        "From: <<<@@>\r\n" + HEAD + "\r\nhi\r\n",
+        "sender_domains",
+    ),
+    "two From mailboxes": (
+        "From: a@acme.example, b@acme.example\r\n" + HEAD + "\r\nhi\r\n",
+        "sender_domains",
+    ),
+    "encoded-word display name hiding an address": (
+        "From: =?utf-8?b?c3VwcG9ydEBwYXlwYWwuY29t?= <news@acme.example>\r\n"
+        + HEAD
+        + "\r\nhi\r\n",
+        "sender_domains",
+    ),
+    "punycode From domain": (
+        "From: news@xn--bcher-kva.example\r\n"
+        + HEAD
+        + f"Content-Type: text/html\r\n\r\n{UNSUB_HTML}\r\n",
+        None,
+    ),
+    "upper-case From": (
+        "From: NEWS@ACME.EXAMPLE\r\n"
+        + HEAD
+        + f"Content-Type: text/html\r\n\r\n{UNSUB_HTML}\r\n",
+        None,
+    ),
+    "HTML without a text part and no link": (
+        "From: news@acme.example\r\n"
+        + HEAD
+        + "Content-Type: text/html\r\n\r\n<p>Sale!</p>\r\n",
+        "optout_link",
+    ),
+    "huge HTML": (
+        "From: news@acme.example\r\n"
+        + HEAD
+        + "Content-Type: text/html\r\n\r\n"
+        + "<div><p>Lorem ipsum dolor sit amet.</p></div>\r\n" * 60_000
+        + f"{UNSUB_HTML}\r\n",
+        None,
+    ),
+    "nested multiparts": (
+        "From: news@acme.example\r\n" + HEAD + "MIME-Version: 1.0\r\n" + nested(12),
+        None,
+    ),
+    "wrong charset": (
+        "From: news@acme.example\r\n"
+        + HEAD
+        + "Content-Type: text/plain; charset=no-such-charset\r\n\r\n"
+        + "Caf\xe9 news. Unsubscribe: https://acme.example/u\r\n",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+async def test_hostile_and_odd_messages_get_a_verdict_never_a_fault(
+    start_relay: StartRelay, upstream: CaptureUpstream, case: str
+) -> None:
+    text, refused_by = BAD_INPUT[case]
+    relay = await start_relay(
+        {
+            **config(
+                *ALL,
+                domains={"acme.example": OLD, "bücher.example": OLD},
+            ),
+            "server": {"max_message_size": "8MiB"},
+            "feedback": {"secret": SECRET},
+        }
+    )
+    content = text.encode("utf-8")
+    if refused_by is None:
+        reply = await send(relay, content, sender="news@acme.example")
+        assert reply.startswith("2.0.0 Ok: queued as")
+    else:
+        assert (await refused(relay, content)).startswith(
+            f"5.7.1 Refused by policy {refused_by}:"
+        )
+    sample = relay.metrics.registry.get_sample_value
+    assert all(
+        not sample("relay_policy_errors_total", {"policy": name}) for name in ALL
+    )
