@@ -7,13 +7,13 @@ runs them, logs and counts every verdict, and applies monitor mode and timeouts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from email.message import EmailMessage
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from storage.base import ConsentStore, SuppressionStore
@@ -147,6 +147,9 @@ class PolicyContext:
     recipients: tuple[str, ...] = ()
     message: MessageLike | None = None
     kind: MessageKind | None = None
+    notes: MutableMapping[str, Any] = field(default_factory=dict)
+    """Shared by the RCPT and DATA contexts of one transaction: a check may keep
+    what it looked up per recipient and reuse it at DATA."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -368,68 +368,18 @@ _SPACES = re.compile(r"[^\S\n]+")
 _BREAKS = re.compile(r" ?\n[\s]*")
 _INVISIBLE = re.compile("[\u00ad\u034f\u200b-\u200d\u2060\ufeff]")
 
-_VOID = frozenset(
-    {
-        "area",
-        "base",
-        "br",
-        "col",
-        "embed",
-        "hr",
-        "img",
-        "input",
-        "link",
-        "meta",
-        "param",
-        "source",
-        "track",
-        "wbr",
-    }
-)
-_BLOCK = frozenset(
-    {
-        "address",
-        "article",
-        "aside",
-        "blockquote",
-        "body",
-        "br",
-        "center",
-        "dd",
-        "div",
-        "dl",
-        "dt",
-        "fieldset",
-        "figcaption",
-        "figure",
-        "footer",
-        "form",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-        "header",
-        "hr",
-        "html",
-        "li",
-        "main",
-        "nav",
-        "ol",
-        "p",
-        "pre",
-        "section",
-        "table",
-        "tbody",
-        "td",
-        "tfoot",
-        "th",
-        "thead",
-        "tr",
-        "ul",
-    }
-)
+# fmt: off
+_VOID = frozenset({
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
+    "param", "source", "track", "wbr",
+})
+_BLOCK = frozenset({
+    "address", "article", "aside", "blockquote", "body", "br", "center", "dd", "div",
+    "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3",
+    "h4", "h5", "h6", "header", "hr", "html", "li", "main", "nav", "ol", "p", "pre",
+    "section", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "ul",
+})
+# fmt: on
 _HEAD_ONLY = frozenset({"base", "link", "meta", "style", "script", "title", "head"})
 _RAW_TEXT = frozenset({"script", "style"})
 _ALWAYS_HIDDEN = frozenset({"template", "title"})
@@ -549,8 +499,12 @@ class _HtmlText(HTMLParser):
             self._pop(tag)
 
     def handle_data(self, data: str) -> None:
-        if self._raw is not None or self._in_head:
+        if self._raw is not None:
             return
+        if self._in_head:
+            if self._hidden or not data.strip():
+                return
+            self._in_head = False  # text outside <title>: the body has begun
         anchor = self._anchor
         if self._hidden:
             if anchor is not None and anchor.hidden:

@@ -27,6 +27,8 @@ from policies.base import (
 )
 from storage.base import ConsentRecord, ConsentStore, OptInType
 
+_NOTE = "consent:"
+
 
 class ConsentSettings(BaseModel):
     """``[policies.consent]``."""
@@ -57,16 +59,23 @@ class Consent:
         if ctx.stage is Stage.RCPT:
             if ctx.recipient is None:
                 return PASS
-            problem = self._problem(
-                await self._store.consent_for(ctx.account, ctx.recipient)
-            )
+            record = await self._store.consent_for(ctx.account, ctx.recipient)
+            ctx.notes[_NOTE + ctx.recipient] = record
+            problem = self._problem(record)
             return PASS if problem is None else refuse(*problem)
         account = self._accounts.get(ctx.account)
         if account is not None and account.default_kind is MessageKind.MARKETING:
             return PASS  # already decided recipient by recipient at RCPT
         refused: dict[str, tuple[str, str]] = {}
         for rcpt in ctx.recipients:
-            problem = self._problem(await self._store.consent_for(ctx.account, rcpt))
+            key = _NOTE + rcpt
+            # Looked up at RCPT a moment ago, unless the check was added since.
+            record = (
+                ctx.notes[key]
+                if key in ctx.notes
+                else await self._store.consent_for(ctx.account, rcpt)
+            )
+            problem = self._problem(record)
             if problem is not None:
                 refused[rcpt] = problem
         if not refused:

@@ -421,13 +421,16 @@ def _spam_phrases(table: object, problems: list[str]) -> list[str]:
 
 
 def _subject(message: MessageLike) -> str:
-    """The Subject with RFC 2047 encoded-words decoded; the raw value if it
-    cannot be parsed."""
+    """The Subject with RFC 2047 encoded-words decoded (the header parse only
+    when there are some); the raw value if it cannot be parsed."""
+    raw = message.header("Subject")
+    if raw is None or "=?" not in raw:
+        return raw or ""
     try:
         value = message.headers.get("subject")
     except (ValueError, LookupError, MessageError):
-        value = message.header("Subject")
-    return "" if value is None else str(value)
+        return raw
+    return raw if value is None else str(value)
 
 
 def _describe(exc: ValidationError) -> str:

@@ -25,6 +25,8 @@ from policies.base import (
 )
 from storage.base import REFUSES_EVERY_CATEGORY, Suppression, SuppressionStore
 
+_NOTE = "exclusion:"
+
 
 class Exclusion:
     """Recipients on the exclusion list get no mail of the kinds their entry bars."""
@@ -53,6 +55,7 @@ class Exclusion:
         entries = await store.suppressions_for(
             ctx.recipient, ctx.account, self._clock.now()
         )
+        ctx.notes[_NOTE + ctx.recipient] = entries
         marketing = ctx.kind is MessageKind.MARKETING
         for entry in _strongest_first(entries):
             if marketing or entry.reason in REFUSES_EVERY_CATEGORY:
@@ -71,7 +74,10 @@ class Exclusion:
         now = self._clock.now()
         excluded: dict[str, Suppression] = {}
         for rcpt in ctx.recipients:
-            entries = await store.suppressions_for(rcpt, ctx.account, now)
+            # Looked up at RCPT a moment ago, unless the check was added since.
+            entries = ctx.notes.get(_NOTE + rcpt)
+            if entries is None:
+                entries = await store.suppressions_for(rcpt, ctx.account, now)
             if entries:
                 excluded[rcpt] = _strongest_first(entries)[0]
         if not excluded:

@@ -59,6 +59,8 @@ class Transaction:
     kind: MessageKind | None = None
     kind_reason: str | None = None
     txn_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    notes: dict[str, Any] = field(default_factory=dict)
+    """The checks' per-transaction notes (``PolicyContext.notes``)."""
 
 
 class RelaySession(Session):
@@ -376,6 +378,7 @@ class RelayHandler:
                     recipient=rcpt,
                     recipients=tuple(txn.recipients),
                     kind=self._settings.default_categories.get(session.account),
+                    notes=txn.notes,
                 )
             )
         )
@@ -436,6 +439,7 @@ class RelayHandler:
                     recipients=tuple(txn.recipients),
                     message=view,
                     kind=txn.kind,
+                    notes=txn.notes,
                 )
             )
             if not decided.passed:

@@ -3,7 +3,7 @@
 It owns the SQL for the ``suppressions``, ``suppression_removals`` and
 ``consents`` tables (migration 0003). Connections, the group-commit writer and
 error translation stay in :mod:`storage.sqlite`; this mixin reaches them only
-through ``_submit`` and ``_fetch``.
+through ``_submit``, ``_fetch`` and ``_lookup`` (the RCPT-time point lookups).
 """
 
 from __future__ import annotations
@@ -198,6 +198,8 @@ class SqliteLists:
             self, sql: str, params: Iterable[Any] = ()
         ) -> list[sqlite3.Row]: ...
 
+        def _lookup(self, sql: str, params: tuple[Any, ...]) -> list[Any]: ...
+
     # -- SuppressionStore ------------------------------------------------------
 
     async def add_suppressions(self, entries: Sequence[Suppression]) -> int:
@@ -265,7 +267,7 @@ class SqliteLists:
         self, address: str, account: str, now: datetime
     ) -> list[Suppression]:
         """Active global and ``account`` entries for ``address``: one index search."""
-        rows = await self._fetch(LOOKUP_SUPPRESSIONS, (address, account, _ts(now)))
+        rows = self._lookup(LOOKUP_SUPPRESSIONS, (address, account, _ts(now)))
         return [_suppression(row) for row in rows]
 
     async def list_suppressions(
@@ -343,7 +345,7 @@ class SqliteLists:
 
     async def consent_for(self, account: str, address: str) -> ConsentRecord | None:
         """The record ``account`` holds for ``address``, if any."""
-        rows = await self._fetch(
+        rows = self._lookup(
             f"SELECT {_CONSENT_COLUMNS} FROM consents"  # noqa: S608 (fixed text)
             " WHERE address = ? AND account = ?",
             (address, account),

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policies import body as body_module
 from policies.body import (
     MAX_PART_TEXT_CHARS,
     THREAD_THRESHOLD_BYTES,
@@ -331,6 +332,11 @@ def test_unclosed_anchor_and_head_do_not_swallow_the_document() -> None:
     assert [link.text for link in found.links] == ["first", "second"]
 
 
+def test_text_after_the_title_starts_the_body_even_without_a_body_tag() -> None:
+    found = body_of(html_message("<head><title>T</title>Hello <b>Jane</b></head>"))
+    assert found.texts == ("Hello Jane",)
+
+
 def test_five_mib_of_html_is_capped_and_the_footer_link_still_found() -> None:
     paragraph = "<p>" + "Lorem ipsum dolor sit amet, consectetur. " * 20 + "</p>\n"
     html = paragraph * (5 * 1024 * 1024 // len(paragraph))
@@ -339,6 +345,36 @@ def test_five_mib_of_html_is_capped_and_the_footer_link_still_found() -> None:
     assert len(found.texts[0]) <= MAX_PART_TEXT_CHARS
     assert found.links[-1].text == "Unsubscribe"
     assert any("text cut at" in p for p in found.problems)
+
+
+def test_beyond_the_source_cap_the_head_and_tail_of_a_part_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(body_module, "MAX_PART_SOURCE_CHARS", 4096)
+    monkeypatch.setattr(body_module, "_SOURCE_TAIL_CHARS", 1024)
+    html = (
+        '<p><a href="https://acme.example/first">first</a></p>'
+        + "<p>filler text</p>" * 200
+        + '<p><a href="https://acme.example/middle">middle</a></p>'
+        + "<p>filler text</p>" * 200
+        + '<p><a href="https://acme.example/unsubscribe">Unsubscribe</a></p>'
+    )
+    found = body_of(html_message(html, cte="base64"))
+    assert [link.text for link in found.links] == ["first", "Unsubscribe"]
+    assert "only the first and last" in found.problems[0]
+
+
+def test_text_kept_per_message_is_capped_across_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(body_module, "MAX_TOTAL_TEXT_CHARS", 100)
+    msg = EmailMessage()
+    msg.set_content("a" * 80 + "\n")
+    msg.add_attachment("b" * 80 + " https://acme.example/b\n", disposition="inline")
+    found = body_of(view_of(msg))
+    assert [len(text) for text in found.texts] == [81, 19]
+    assert found.links[0].url == "https://acme.example/b"  # links are still read
+    assert found.problems == ("part 3 (text/plain): text cut at 19 characters",)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 
 from policies import PASS, Mode, OnError, PolicyContext, Stage, Verdict
 from policies.base import PolicyEnv
-from relay.clock import SystemClock
 from policies.registry import PolicyConfigError, build_pipeline
+from relay.clock import SystemClock
 
 
 class Named:
