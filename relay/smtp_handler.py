@@ -114,6 +114,7 @@ class RelayHandler:
         self.draining = False
         self.pipeline = Pipeline((), self.observe)
         """The checks; replaced as a whole (a transaction keeps the one it read)."""
+        self._verdict_metrics: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self.list_unsubscribe: ListUnsubscribe | None = None
         """Set when ``[policies.optout_link] list_unsubscribe = "add"``: marketing
         mail without the header gets the relay's own, one copy per recipient."""
@@ -648,12 +649,15 @@ class RelayHandler:
     def observe(self, seen: Observation) -> None:
         """Every verdict of the pipeline: a metric and a log line (passes at debug)."""
         verdict = seen.verdict
-        self._metrics.policy_verdicts_total.labels(
-            seen.policy, seen.stage.value, verdict.outcome.value, seen.mode.value
-        ).inc()
-        self._metrics.policy_check_duration_seconds.labels(seen.policy).observe(
-            seen.duration_seconds
-        )
+        key = (seen.policy, seen.stage.value, verdict.outcome.value, seen.mode.value)
+        children = self._verdict_metrics.get(key)
+        if children is None:  # labels() takes a lock and a dict lookup: once
+            children = self._verdict_metrics[key] = (
+                self._metrics.policy_verdicts_total.labels(*key),
+                self._metrics.policy_check_duration_seconds.labels(seen.policy),
+            )
+        children[0].inc()
+        children[1].observe(seen.duration_seconds)
         if seen.error is not None:
             self._metrics.policy_errors_total.labels(seen.policy).inc()
             log.error(
