@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from policies.base import (
     PASS,
@@ -25,6 +25,7 @@ from policies.base import (
     refuse,
     refuse_recipients,
 )
+from policies.settings import parse_settings
 from storage.base import ConsentRecord, ConsentStore, OptInType
 
 _NOTE = "consent:"
@@ -108,10 +109,4 @@ class Consent:
 
 def from_table(table: Mapping[str, Any], env: PolicyEnv) -> Consent:
     """Validate ``[policies.consent]`` and build the check."""
-    try:
-        settings = ConsentSettings.model_validate(dict(table))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "consent"
-        raise ValueError(f"{key}: {first['msg']}") from None
-    return Consent(settings, env)
+    return Consent(parse_settings(ConsentSettings, table), env)

@@ -38,6 +38,7 @@ from policies.base import (
     refuse,
 )
 from policies.body import fold, load_body
+from policies.settings import describe
 
 MAX_COUNT = 3
 """Occurrences of one term counted, in the body and in the Subject each."""
@@ -217,7 +218,7 @@ class ContentCategories:
         try:
             settings = ContentCategoriesSettings.model_validate(dict(table))
         except ValidationError as exc:
-            raise ValueError(_describe(exc)) from None
+            raise ValueError(describe(exc)) from None
         terms = load_terms(settings.terms_file, env.base_dir)
         known = ", ".join(terms.categories)
         for index, name in enumerate(settings.categories or ()):
@@ -431,19 +432,3 @@ def _subject(message: MessageLike) -> str:
     except (ValueError, LookupError, MessageError):
         return raw
     return raw if value is None else str(value)
-
-
-def _describe(exc: ValidationError) -> str:
-    """``key: reason`` for each error, as ``relay check-config`` prints them."""
-    problems = []
-    for error in exc.errors(include_url=False):
-        path = ""
-        for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else f".{part}"
-        reason = (
-            "unknown key"
-            if error["type"] == "extra_forbidden"
-            else str(error["msg"]).removeprefix("Value error, ")
-        )
-        problems.append(f"{path.lstrip('.')}: {reason}")
-    return "; ".join(problems)

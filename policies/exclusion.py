@@ -114,5 +114,5 @@ def _describe(entry: Suppression) -> str:
 def from_table(table: Mapping[str, Any], env: PolicyEnv) -> Exclusion:
     """The check; it has no settings of its own."""
     if table:
-        raise ValueError(f"unknown setting(s): {', '.join(sorted(table))}")
+        raise ValueError("; ".join(f"{key}: unknown key" for key in sorted(table)))
     return Exclusion(env)

@@ -32,6 +32,7 @@ from policies.base import (
     refuse,
 )
 from policies.body import Link, fold, load_body
+from policies.settings import describe
 
 # Matched against folded text (policies.body.fold: lower case, no accents), after a
 # word boundary; stems, so that "Désinscription", "abmelden" and "Abmeldung" match.
@@ -179,7 +180,7 @@ class OptOutLink:
         try:
             settings = OptOutLinkSettings.model_validate(dict(table))
         except ValidationError as exc:
-            raise ValueError(_describe(exc)) from None
+            raise ValueError(describe(exc)) from None
         return cls(
             patterns=settings.patterns, list_unsubscribe=settings.list_unsubscribe
         )
@@ -226,19 +227,3 @@ class OptOutLink:
 
 from_table = OptOutLink.from_table
 """The registry's factory for ``optout_link``."""
-
-
-def _describe(exc: ValidationError) -> str:
-    """``key: reason`` for each error, as ``relay check-config`` prints them."""
-    problems = []
-    for error in exc.errors(include_url=False):
-        path = ""
-        for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else f".{part}"
-        reason = (
-            "unknown key"
-            if error["type"] == "extra_forbidden"
-            else str(error["msg"]).removeprefix("Value error, ")
-        )
-        problems.append(f"{path.lstrip('.')}: {reason}")
-    return "; ".join(problems)
