@@ -2,20 +2,24 @@
 
 from policies.base import (
     PASS,
+    AccountPolicy,
     MessageKind,
     Mode,
     OnError,
     Outcome,
     Policy,
     PolicyContext,
+    PolicyEnv,
     Stage,
     Verdict,
     defer,
     refuse,
+    refuse_recipients,
 )
 from policies.pipeline import Observation, Pipeline, PolicySettings, StageResult
 
 __all__ = [  # noqa: RUF022 - plain sorted(), as tests/test_exports.py pins
+    "AccountPolicy",
     "MessageKind",
     "Mode",
     "Observation",
@@ -25,10 +29,12 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as tests/test_exports.py pins
     "Pipeline",
     "Policy",
     "PolicyContext",
+    "PolicyEnv",
     "PolicySettings",
     "Stage",
     "StageResult",
     "Verdict",
     "defer",
     "refuse",
+    "refuse_recipients",
 ]

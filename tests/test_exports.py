@@ -64,6 +64,7 @@ EXPORTS = {
         "write_suppressions_csv",
     ],
     "policies": [
+        "AccountPolicy",
         "MessageKind",
         "Mode",
         "Observation",
@@ -73,12 +74,14 @@ EXPORTS = {
         "Pipeline",
         "Policy",
         "PolicyContext",
+        "PolicyEnv",
         "PolicySettings",
         "Stage",
         "StageResult",
         "Verdict",
         "defer",
         "refuse",
+        "refuse_recipients",
     ],
     "relay": ["__version__"],
 }
