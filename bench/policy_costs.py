@@ -131,7 +131,9 @@ def relay_observer() -> Observer:
     """``RelayHandler.observe`` (a metric update, a histogram sample and a log
     call per verdict) on a metrics registry of its own: what every verdict costs
     the relay besides the check itself."""
-    handler = cast("RelayHandler", SimpleNamespace(_metrics=Metrics("bench")))
+    handler = cast(
+        "RelayHandler", SimpleNamespace(_metrics=Metrics("bench"), _verdict_metrics={})
+    )
     return functools.partial(RelayHandler.observe, handler)
 
 

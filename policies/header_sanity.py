@@ -7,24 +7,34 @@ parses and lies near the time of receipt, a Message-ID of the form
 encoded word (RFC 2047) that smuggles control or bidirectional-override
 characters into the Subject or a display name. Whether the From, Sender and
 Reply-To mailboxes belong to the account is :mod:`policies.sender_domains`'s
-business.
+business; the two read the headers through :mod:`policies._headers`, once per
+message for both.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
-from email import errors, policy
+from datetime import datetime
+from email import errors
 from email.header import decode_header
-from email.headerregistry import BaseHeader, DateHeader
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from config.units import Bytes, Seconds
+from policies._headers import (
+    HeaderFields,
+    Unreadable,
+    address_list,
+    as_text,
+    header_fields,
+    is_plain,
+    parse_date,
+    registry_header,
+    settings_error,
+)
 from policies.base import (
     PASS,
     MessageLike,
@@ -58,22 +68,10 @@ RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
 SCANNED_HEADERS = ("Subject", "From", "Sender", "Reply-To", "To", "Cc", "Bcc")
 """Fields whose decoded text must be free of control and bidi characters."""
 
-# The stdlib header parser raises these (besides HeaderParseError) on some
-# malformed input, e.g. IndexError for "x@", AttributeError for "x@[" and
-# ValueError for an encoded word that decodes to CR or LF in a display name:
-# faults of the input, not ours.
-_PARSE_FAULTS = (
-    errors.MessageError,
-    ValueError,
-    LookupError,
-    TypeError,
-    AttributeError,
-    ArithmeticError,
-)
-# Obsolete syntax (RFC 5322 §4) and UTF-8 local parts (RFC 6532 §3.2) still parse.
-_TOLERATED_DEFECTS = (errors.ObsoleteHeaderDefect, errors.NonASCIILocalPartDefect)
+_SINGLETONS = tuple((name, name.lower()) for name in SINGLETON_HEADERS)
+_SCANNED = frozenset(name.lower() for name in SCANNED_HEADERS)
+_RECIPIENTS = {name.lower(): name for name in RECIPIENT_HEADERS}
 
-_HEADER_FOLD = re.compile(r"\r?\n(?=[ \t])")
 # RFC 5322 §3.6.4 msg-id, without CFWS: "<" id-left "@" id-right ">", each part
 # printable ASCII other than "<", ">" and "@" (dot-atom-text or no-fold-literal).
 _MSG_ID = re.compile(r"<[\x21-\x3b\x3d\x3f\x41-\x7e]+@[\x21-\x3b\x3d\x3f\x41-\x7e]+>")
@@ -119,20 +117,20 @@ class HeaderSanity:
                 size_bytes=size,
                 max_bytes=limit,
             )
-        fields = _fields(message)
+        fields = header_fields(message)
         return (
             _check_encoding(fields)
             or _check_duplicates(fields)
             or self._check_required(fields)
-            or _check_hostile(fields)
+            or _check_hostile(message, fields)
             or self._check_date(fields, ctx.received_at)
             or _check_message_id(fields)
-            or _check_recipients(fields)
+            or _check_recipients(message, fields)
             or PASS
         )
 
-    def _check_required(self, fields: list[tuple[str, str]]) -> Verdict | None:
-        present = {name.lower() for name, _ in fields}
+    def _check_required(self, fields: HeaderFields) -> Verdict | None:
+        present = fields.by_name
         required = []
         if self.settings.require_date:
             required.append("Date")
@@ -144,12 +142,12 @@ class HeaderSanity:
         return None
 
     def _check_date(
-        self, fields: list[tuple[str, str]], received_at: datetime
+        self, fields: HeaderFields, received_at: datetime
     ) -> Verdict | None:
-        raw = _first(fields, "Date")
+        raw = fields.first("Date")
         if raw is None:
             return None
-        when = _parse_date(raw)
+        when = parse_date(raw)
         if when is None:
             return refuse(
                 "invalid_date", "Date header is not an RFC 5322 date-time (3.3)"
@@ -176,33 +174,9 @@ def _header_section_bytes(content: bytes) -> int:
     return len(content) if end < 0 else end + 2
 
 
-def _fields(message: MessageLike) -> list[tuple[str, str]]:
-    """Every header field as (name, unfolded raw value), without parsing any."""
-    return [
-        (name, _HEADER_FOLD.sub("", str(value)))
-        for name, value in message.headers.raw_items()
-    ]
-
-
-def _first(fields: list[tuple[str, str]], name: str) -> str | None:
-    wanted = name.lower()
-    return next((value for key, value in fields if key.lower() == wanted), None)
-
-
-def _as_text(raw: str) -> str | None:
-    """The raw value with its surrogate-escaped bytes read as UTF-8, or ``None``
-    when they are not UTF-8."""
-    if raw.isascii():
-        return raw
-    try:
-        return raw.encode("utf-8", "surrogateescape").decode("utf-8")
-    except UnicodeError:
-        return None
-
-
-def _check_encoding(fields: list[tuple[str, str]]) -> Verdict | None:
-    for name, value in fields:
-        if _as_text(value) is None:
+def _check_encoding(fields: HeaderFields) -> Verdict | None:
+    for name, value in fields.items:
+        if as_text(value) is None:
             return refuse(
                 "invalid_header_encoding",
                 f"{name} header holds raw bytes that are not valid UTF-8 (RFC 6532)",
@@ -210,10 +184,9 @@ def _check_encoding(fields: list[tuple[str, str]]) -> Verdict | None:
     return None
 
 
-def _check_duplicates(fields: list[tuple[str, str]]) -> Verdict | None:
-    counts = Counter(name.lower() for name, _ in fields)
-    for name in SINGLETON_HEADERS:
-        count = counts[name.lower()]
+def _check_duplicates(fields: HeaderFields) -> Verdict | None:
+    for name, key in _SINGLETONS:
+        count = len(fields.by_name.get(key, ()))
         if count > 1:
             return refuse(
                 "duplicate_header",
@@ -223,13 +196,15 @@ def _check_duplicates(fields: list[tuple[str, str]]) -> Verdict | None:
     return None
 
 
-def _check_hostile(fields: list[tuple[str, str]]) -> Verdict | None:
-    scanned = {name.lower() for name in SCANNED_HEADERS}
-    for name, value in fields:
-        if name.lower() not in scanned:
+def _check_hostile(message: MessageLike, fields: HeaderFields) -> Verdict | None:
+    for key, (name, value) in zip(fields.names, fields.items, strict=True):
+        if key not in _SCANNED:
             continue
-        for text in _renderings(name, _as_text(value) or value):
-            found = _HOSTILE.search(text)
+        text = as_text(value) or value
+        if is_plain(text):
+            continue  # printable ASCII, no encoded word: it renders as itself
+        for rendering in _renderings(message, name, text):
+            found = _HOSTILE.search(rendering)
             if found is not None:
                 return refuse(
                     "hostile_header",
@@ -238,14 +213,13 @@ def _check_hostile(fields: list[tuple[str, str]]) -> Verdict | None:
     return None
 
 
-def _renderings(name: str, value: str) -> Iterator[str]:
+def _renderings(message: MessageLike, name: str, value: str) -> Iterator[str]:
     """The value as written, with its encoded words decoded the liberal way
     (``email.header``), and as ``policy.default`` decodes it for readers."""
     yield value
     yield _decode_words(value)
-    try:
-        header: object = policy.default.header_factory(name, value)
-    except _PARSE_FAULTS:
+    header = registry_header(message, name, value)
+    if header is None:
         return  # a CR or LF in a display name lands here; the above found it
     yield str(header)
     for address in getattr(header, "addresses", ()):
@@ -278,22 +252,8 @@ def _describe(char: str) -> str:
     return f"bidirectional formatting character {unicodedata.name(char)} ({code})"
 
 
-def _parse_date(raw: str) -> datetime | None:
-    """The Date as an aware datetime (no zone, "-0000", read as UTC), or ``None``."""
-    try:
-        header: object = policy.default.header_factory("Date", raw)
-    except _PARSE_FAULTS:
-        return None
-    if isinstance(header, BaseHeader) and header.defects:
-        return None
-    if not isinstance(header, DateHeader) or header.datetime is None:
-        return None
-    when = header.datetime
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
-def _check_message_id(fields: list[tuple[str, str]]) -> Verdict | None:
-    raw = _first(fields, "Message-ID")
+def _check_message_id(fields: HeaderFields) -> Verdict | None:
+    raw = fields.first("Message-ID")
     if raw is None or _MSG_ID.fullmatch(raw.strip()):
         return None
     return refuse(
@@ -302,48 +262,22 @@ def _check_message_id(fields: list[tuple[str, str]]) -> Verdict | None:
     )
 
 
-def _check_recipients(fields: list[tuple[str, str]]) -> Verdict | None:
-    wanted = {name.lower(): name for name in RECIPIENT_HEADERS}
-    for key, value in fields:
-        name = wanted.get(key.lower())
+def _check_recipients(message: MessageLike, fields: HeaderFields) -> Verdict | None:
+    for key, (_, value) in zip(fields.names, fields.items, strict=True):
+        name = _RECIPIENTS.get(key)
         if name is None:
             continue
-        problem = _address_problem(name, _as_text(value) or value)
-        if problem is not None:
+        parsed = address_list(message, name, as_text(value) or value)
+        if isinstance(parsed, Unreadable):
             return refuse(
-                "invalid_address_header", f"{name} header is malformed: {problem}"
+                "invalid_address_header", f"{name} header is malformed: {parsed.why}"
             )
-    return None
-
-
-def _address_problem(name: str, value: str) -> str | None:
-    try:
-        header: object = policy.default.header_factory(name, value)
-    except _PARSE_FAULTS:
-        return "it is not an RFC 5322 address list"
-    defects = header.defects if isinstance(header, BaseHeader) else ()
-    for defect in defects:
-        if not isinstance(defect, _TOLERATED_DEFECTS):
-            return str(defect).lower() or "malformed address"
     return None
 
 
 def _days(seconds: float) -> str:
     days = round(seconds / DAY_SECONDS, 1)
     return f"{days:g} days"
-
-
-def _settings_error(exc: ValidationError) -> ValueError:
-    """A pydantic error as ``"<key>: <reason>"`` lines joined by "; "."""
-    problems = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "settings"
-        if error["type"] == "extra_forbidden":
-            reason = "unknown setting"
-        else:
-            reason = str(error["msg"]).removeprefix("Value error, ")
-        problems.append(f"{key}: {reason}")
-    return ValueError("; ".join(problems))
 
 
 def from_table(table: Mapping[str, Any], env: PolicyEnv) -> HeaderSanity:
@@ -353,5 +287,5 @@ def from_table(table: Mapping[str, Any], env: PolicyEnv) -> HeaderSanity:
     try:
         settings = Settings.model_validate(dict(table))
     except ValidationError as exc:
-        raise _settings_error(exc) from None
+        raise settings_error(exc) from None
     return HeaderSanity(settings)

@@ -9,7 +9,8 @@ Sender and Reply-To must align the same way or be listed in the account's
 must not pass off another domain (``"support@paypal.com" <x@acme.example>``), and
 MAIL FROM must align too, the null sender excepted. Duplicated or malformed headers
 in general are :mod:`policies.header_sanity`'s business; this module only refuses
-what would make the sender's identity ambiguous.
+what would make the sender's identity ambiguous. The headers are read through
+:mod:`policies._headers`, once per message for both checks.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
-from email import errors, policy
-from email.headerregistry import Address, AddressHeader, BaseHeader
 from enum import StrEnum
 from typing import Any
 
@@ -36,6 +35,14 @@ from pydantic import (
 )
 
 from config.units import Seconds
+from policies._headers import (
+    AddressList,
+    Mailbox,
+    Unreadable,
+    address_list,
+    header_fields,
+    settings_error,
+)
 from policies.base import (
     PASS,
     AccountPolicy,
@@ -64,28 +71,12 @@ DEFAULT_FREE_MAIL_DOMAINS = frozenset({
 # fmt: on
 """Mailbox providers anyone can sign up to: never the account's own identity."""
 
-# The stdlib header parser raises these (besides HeaderParseError) on some
-# malformed input, e.g. IndexError for "x@", AttributeError for "x@[" and
-# ValueError for an encoded word that decodes to CR or LF in a display name.
-# They are faults of the input, not of the relay: "unparsable" verdicts.
-_PARSE_FAULTS = (
-    errors.MessageError,
-    ValueError,
-    LookupError,
-    TypeError,
-    AttributeError,
-    ArithmeticError,
-)
-
-# Obsolete syntax (RFC 5322 §4: "must" be accepted, e.g. an unquoted "." in a
-# display name) and UTF-8 local parts (RFC 6532 §3.2) still parse unambiguously.
-_TOLERATED_DEFECTS = (errors.ObsoleteHeaderDefect, errors.NonASCIILocalPartDefect)
-
 # Characters IDNA (RFC 3490 §3.1) treats as label dots but NFKC leaves alone.
 _DOTS = str.maketrans({"\u3002": ".", "\uff61": ".", "\ufe52": "."})
 # A domain-like token, optionally right after "@" (the domain of an address).
 _DOMAIN_TOKEN = re.compile(r"(@?)([\w-]+(?:\.[\w-]+)+)")
-_HEADER_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_CACHE_SIZE = 4096
+"""Distinct domains, addresses and display names remembered across messages."""
 
 
 class Alignment(StrEnum):
@@ -127,6 +118,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def organisational_domain(domain: str) -> str:
     """The registrable domain of a canonical ``domain`` (RFC 7489 §3.2), or
     ``domain`` itself when it is a public suffix or has no known one."""
@@ -134,6 +126,7 @@ def organisational_domain(domain: str) -> str:
     return found if isinstance(found, str) else domain
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _is_registrable(domain: str) -> bool:
     """True if ``domain`` lies under a suffix the Public Suffix List knows."""
     return _psl().privatesuffix(domain, accept_unknown=False) is not None
@@ -175,13 +168,6 @@ class _Mailbox:
     address: str
     domain: str
     display_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Unreadable:
-    """Why a header or an address cannot be read, in a few words."""
-
-    why: str
 
 
 class SenderDomains:
@@ -235,23 +221,23 @@ class SenderDomains:
                 f"message has {len(values)} From headers; RFC 5322 3.6 allows one",
                 count=len(values),
             )
-        header = _parse_address_header("From", values[0])
-        if isinstance(header, _Unreadable):
+        header = _parse_address_header(message, "From", values[0])
+        if isinstance(header, Unreadable):
             return refuse("from_unparsable", f"From cannot be parsed: {header.why}")
-        if any(group.display_name is not None for group in header.groups):
+        if header.grouped:
             return refuse(
                 "from_not_single_mailbox",
                 "From uses group syntax; it must hold exactly one mailbox",
             )
-        if len(header.addresses) != 1:
+        if len(header.mailboxes) != 1:
             return refuse(
                 "from_not_single_mailbox",
-                f"From holds {len(header.addresses)} mailboxes; "
+                f"From holds {len(header.mailboxes)} mailboxes; "
                 "it must hold exactly one",
-                count=len(header.addresses),
+                count=len(header.mailboxes),
             )
-        mailbox = _mailbox(header.addresses[0])
-        if isinstance(mailbox, _Unreadable):
+        mailbox = _mailbox(header.mailboxes[0])
+        if isinstance(mailbox, Unreadable):
             return refuse("from_unparsable", f"From cannot be parsed: {mailbox.why}")
         matched = self._aligned(mailbox.domain, account)
         if matched is None:
@@ -289,14 +275,14 @@ class SenderDomains:
         token = name.lower().replace("-", "_")
         mailboxes: list[_Mailbox] = []
         for value in values:
-            header = _parse_address_header(name, value)
-            if isinstance(header, _Unreadable):
+            header = _parse_address_header(message, name, value)
+            if isinstance(header, Unreadable):
                 return refuse(
                     f"{token}_unparsable", f"{name} cannot be parsed: {header.why}"
                 )
-            for address in header.addresses:
+            for address in header.mailboxes:
                 mailbox = _mailbox(address)
-                if isinstance(mailbox, _Unreadable):
+                if isinstance(mailbox, Unreadable):
                     return refuse(
                         f"{token}_unparsable", f"{name} cannot be parsed: {mailbox.why}"
                     )
@@ -352,7 +338,7 @@ class SenderDomains:
         if not self.settings.check_envelope or mail_from == "":
             return None  # the null sender (RFC 5321 §4.5.5) has no domain
         try:
-            domain = canonical_domain(mail_from.rpartition("@")[2])
+            domain = _canonical_domain(mail_from.rpartition("@")[2])
         except AddressError as exc:
             return refuse(
                 "envelope_domain_not_owned",
@@ -405,19 +391,17 @@ class SenderDomains:
         return ""
 
 
-def _raw_values(message: MessageLike, name: str) -> list[str]:
+def _raw_values(message: MessageLike, name: str) -> tuple[str, ...]:
     """Every ``name`` field's raw value, unfolded, without parsing it."""
-    wanted = name.lower()
-    return [
-        _HEADER_FOLD.sub("", str(value))
-        for key, value in message.headers.raw_items()
-        if key.lower() == wanted
-    ]
+    return header_fields(message).values(name)
 
 
-def _parse_address_header(name: str, raw: str) -> AddressHeader | _Unreadable:
-    """Parse one address header's raw value with ``policy.default``, or say why
-    it cannot be.
+def _parse_address_header(
+    message: MessageLike, name: str, raw: str
+) -> AddressList | Unreadable:
+    """One address header's raw value as ``policy.default`` reads it (plain
+    values without it: :func:`policies._headers.address_list`), or why it cannot
+    be read; shared with header_sanity through the message's memo.
 
     Raw UTF-8 (RFC 6532) arrives surrogate-escaped; it is decoded first so that
     an internationalised address reads as text.
@@ -425,26 +409,16 @@ def _parse_address_header(name: str, raw: str) -> AddressHeader | _Unreadable:
     try:
         text = raw.encode("utf-8", "surrogateescape").decode("utf-8")
     except UnicodeError:
-        return _Unreadable("it holds bytes that are not UTF-8")
-    try:
-        header: object = policy.default.header_factory(name, text)
-    except _PARSE_FAULTS:
-        return _Unreadable("it is not an RFC 5322 address list")
-    defects = header.defects if isinstance(header, BaseHeader) else ()
-    for defect in defects:
-        if not isinstance(defect, _TOLERATED_DEFECTS):
-            return _Unreadable(str(defect).lower() or "malformed address")
-    if not isinstance(header, AddressHeader):
-        return _Unreadable("it is not an address header")
-    return header
+        return Unreadable("it holds bytes that are not UTF-8")
+    return address_list(message, name, text)
 
 
-def _mailbox(address: Address) -> _Mailbox | _Unreadable:
+def _mailbox(address: Mailbox) -> _Mailbox | Unreadable:
     """Canonicalise one parsed address, or say why it cannot be."""
     try:
-        canonical = canonical_address(address.addr_spec)
+        canonical = _canonical_address(address.addr_spec)
     except AddressError as exc:
-        return _Unreadable(exc.reason)
+        return Unreadable(exc.reason)
     return _Mailbox(
         address=canonical,
         domain=canonical.rpartition("@")[2],
@@ -452,7 +426,33 @@ def _mailbox(address: Address) -> _Mailbox | _Unreadable:
     )
 
 
-def _named_domains(display_name: str) -> Iterable[str]:
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _canonical_domain(domain: str) -> str:
+    """:func:`canonical_domain`, remembered (MAIL FROM repeats its domain)."""
+    return canonical_domain(domain)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _canonical_address(address: str) -> str:
+    """:func:`canonical_address` (IDNA included), remembered: a sender writes
+    the same few addresses on every message."""
+    return canonical_address(address)
+
+
+def _named_domains(display_name: str) -> tuple[str, ...]:
+    """Canonical domains a display name spells out (see :func:`_spelled_domains`),
+    remembered per display name."""
+    if not display_name:
+        return ()
+    return _named_domains_of(display_name)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _named_domains_of(display_name: str) -> tuple[str, ...]:
+    return tuple(_spelled_domains(display_name))
+
+
+def _spelled_domains(display_name: str) -> Iterable[str]:
     """Canonical domains a display name spells out, alone or as an address.
 
     NFKC folds full-width and compatibility forms (U+FF20, U+FF0E) into ASCII, the
@@ -474,25 +474,12 @@ def _named_domains(display_name: str) -> Iterable[str]:
             yield domain
 
 
-def _settings_error(exc: ValidationError) -> ValueError:
-    """A pydantic error as ``"<key>: <reason>"`` lines joined by "; "."""
-    problems = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "settings"
-        if error["type"] == "extra_forbidden":
-            reason = "unknown setting"
-        else:
-            reason = str(error["msg"]).removeprefix("Value error, ")
-        problems.append(f"{key}: {reason}")
-    return ValueError("; ".join(problems))
-
-
 def from_table(table: Mapping[str, Any], env: PolicyEnv) -> SenderDomains:
     """Build the check from ``[policies.sender_domains]``; ``ValueError`` names
     the key of a bad or unknown setting."""
     try:
         settings = Settings.model_validate(dict(table))
     except ValidationError as exc:
-        raise _settings_error(exc) from None
+        raise settings_error(exc) from None
     _psl()  # load the list now, not on the first message
     return SenderDomains(settings, env.accounts, env.clock)

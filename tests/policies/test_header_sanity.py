@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from email import policy
+from email.headerregistry import BaseHeader, DateHeader
+from email.message import EmailMessage
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policies import _headers
 from policies.base import (
     MessageKind,
+    MessageLike,
     Outcome,
     Policy,
     PolicyContext,
@@ -23,6 +30,8 @@ from policies.base import (
 from policies.header_sanity import HeaderSanity, from_table
 from policies.registry import PolicyFactory
 from relay.message import MessageView
+
+T = TypeVar("T")
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -320,3 +329,248 @@ def test_any_header_text_yields_a_verdict(name: str, value: str) -> None:
 def test_any_header_bytes_yield_a_verdict(raw: bytes) -> None:
     verdict = check_raw(b"Subject: " + raw + b"\r\nTo: " + raw + b"\r\n\r\nHi\r\n")
     assert verdict.outcome in {Outcome.PASS, Outcome.REFUSE}
+
+
+# -- the cheap readings agree with the stdlib's ---------------------------------
+
+
+class CountingView:
+    """A MessageView that counts the full header-section parses it is asked for."""
+
+    def __init__(self, content: bytes) -> None:
+        self.view = MessageView(content)
+        self.header_parses = 0
+        self.content = self.view.content
+        self.size_bytes = self.view.size_bytes
+
+    def header(self, name: str) -> str | None:
+        return self.view.header(name)
+
+    @property
+    def headers(self) -> EmailMessage:
+        self.header_parses += 1
+        return self.view.headers
+
+    @property
+    def parsed(self) -> EmailMessage:
+        return self.view.parsed
+
+    def memo(self, key: str, build: Callable[[], T]) -> T:
+        return self.view.memo(key, build)
+
+
+def counting_registry(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record every ``policy.default.header_factory`` call the checks make."""
+    calls: list[tuple[str, str]] = []
+    real = policy.default.header_factory
+
+    def factory(name: str, value: str) -> object:
+        calls.append((name, value))
+        return real(name, value)
+
+    monkeypatch.setattr(
+        _headers,
+        "policy",
+        SimpleNamespace(default=SimpleNamespace(header_factory=factory)),
+    )
+    return calls
+
+
+def check_view(view: MessageLike) -> Verdict:
+    ctx = PolicyContext(
+        stage=Stage.DATA,
+        account="acme",
+        mail_from="news@acme.example",
+        received_at=NOW,
+        message=view,
+        kind=MessageKind.MARKETING,
+    )
+    return asyncio.run(build().check(ctx))
+
+
+def clean_message(**replace: str) -> bytes:
+    fields = {**CLEAN, **replace}
+    head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return head.encode() + b"\r\nHi\r\n"
+
+
+def test_an_ordinary_message_needs_no_header_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plain values take the fast paths: no registry parse, no header-section
+    parse (the raw header block is split instead)."""
+    calls = counting_registry(monkeypatch)
+    view = CountingView(
+        clean_message(To="<jane@example.org>, Bob  Smith\t<bob@example.org>")
+    )
+    assert check_view(view).outcome is Outcome.PASS
+    assert calls == []
+    assert view.header_parses == 0
+
+
+def test_an_encoded_word_is_parsed_once_for_every_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The To header is both scanned for hostile characters and checked as an
+    address list: one registry parse serves both."""
+    calls = counting_registry(monkeypatch)
+    to = "=?utf-8?q?J=C3=A4ne?= <jane@example.org>"
+    assert check_view(CountingView(clean_message(To=to))).outcome is Outcome.PASS
+    assert calls == [("To", to)]
+
+
+def test_a_header_block_the_split_cannot_read_plainly_is_parsed() -> None:
+    """A bare LF ends a line for the email package: the stdlib reads it."""
+    view = CountingView(clean_message(Subject="a\nb"))
+    check_view(view)
+    assert view.header_parses == 1
+
+
+def reference_fields(content: bytes) -> list[tuple[str, str]]:
+    """What the check read before: ``message.headers.raw_items()``, unfolded."""
+    view = MessageView(content)
+    return [
+        (name, re.sub(r"\r?\n(?=[ \t])", "", str(value)))
+        for name, value in view.headers.raw_items()
+    ]
+
+
+HEADER_LINE = st.one_of(
+    st.sampled_from(
+        [
+            b"From: Acme <news@acme.example>",
+            b"To: a@example.org,",
+            b" b@example.org",
+            b"\tfolded",
+            b" ",
+            b"Subject:",
+            b"Subject:  \t spaced",
+            b"X-Empty:",
+            b"From nobody Mon Nov 23 10:00:00 2026",
+            b"Subject : spaced name",
+            b":no name",
+            b"no colon",
+            b"X-Bare: a\rb",
+            b"X-Bare: a\nb",
+            b"X-8bit: caf\xc3\xa9 \xe9",
+            b"X-Odd-!#$%: value",
+            b"X-Nul: a\x00b",
+        ]
+    ),
+    st.binary(max_size=30).map(lambda raw: b"X-Raw: " + raw),
+    st.binary(max_size=30),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines=st.lists(HEADER_LINE, max_size=8))
+def test_splitting_the_header_block_reads_what_the_email_package_reads(
+    lines: list[bytes],
+) -> None:
+    content = b"".join(line + b"\r\n" for line in lines) + b"\r\nbody\r\n"
+    fast = _headers.split_header_block(content)
+    expected = reference_fields(content)
+    if fast is not None:
+        assert list(fast) == expected
+    assert list(_headers.read_fields(MessageView(content))) == expected
+
+
+def test_ordinary_header_blocks_are_split_without_the_parser() -> None:
+    content = (
+        b"From: Acme <news@acme.example>\r\nCc:\r\n a@example.org,\r\n\tb@x.example"
+        b"\r\nX-Note: caf\xc3\xa9\r\n\r\nbody"
+    )
+    fast = _headers.split_header_block(content)
+    assert fast is not None
+    assert list(fast) == reference_fields(content)
+    assert fast[1] == ("Cc", " a@example.org,\tb@x.example")
+
+
+def reference_date(raw: str) -> datetime | None:
+    """How the check read a Date before: through the header registry."""
+    try:
+        header: object = policy.default.header_factory("Date", raw)
+    except _headers.PARSE_FAULTS:
+        return None
+    if isinstance(header, BaseHeader) and header.defects:
+        return None
+    if not isinstance(header, DateHeader) or header.datetime is None:
+        return None
+    when = header.datetime
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+ZONES = st.sampled_from(
+    [
+        "+0000",
+        "-0000",
+        "+0130",
+        "-2359",
+        "+2400",
+        "+9999",
+        "GMT",
+        "UT",
+        "EST",
+        "PDT",
+        "Z",
+        "",
+        "+99999999999999999999",
+        "-0",
+        "+05",
+        "a",
+    ]
+)
+MONTHS = st.sampled_from(["Jan", "Feb", "Nov", "nov", "November", "Dec", "Foo"])
+DATE_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.builds(  # mostly well formed
+        "{}{} {} {} {:02d}:{:02d}:{:02d} {}".format,
+        st.sampled_from(["", "Mon, ", "Tue,", "Xyz, "]),
+        st.integers(1, 31),
+        MONTHS,
+        st.integers(1900, 2100) | st.integers(0, 99),
+        st.integers(0, 23),
+        st.integers(0, 59),
+        st.integers(0, 60),
+        ZONES,
+    ),
+    st.builds(  # loosely formed
+        "{}{} {} {} {}:{}:{} {}".format,
+        st.sampled_from(["", "Mon, ", "Tue,", "Xyz, ", "mon "]),
+        st.integers(-1, 40).map(str) | st.sampled_from(["", "07", "x"]),
+        MONTHS,
+        st.integers(-10, 100_000).map(str) | st.sampled_from(["26", "99", "0"]),
+        st.integers(0, 99).map(str),
+        st.integers(0, 99).map(str),
+        st.integers(0, 99).map(str) | st.just("00.5"),
+        ZONES,
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=DATE_TEXT)
+def test_the_date_is_read_as_the_header_registry_reads_it(raw: str) -> None:
+    assert _headers.parse_date(raw) == reference_date(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Mon, 23 Nov 2026 09:58:00 +0000",
+        "23 Nov 2026 09:58 -0000",
+        "Mon, 23 Nov 26 09:58:00 EST",
+        "Mon, 23 Nov 2026 09:58:00 +2400",
+        "Mon, 31 Feb 2026 09:58:00 +0000",
+        "Mon, 23 Nov 2026 09:58:00 +99999999999999999999",
+        "",
+    ],
+)
+def test_these_dates_read_as_the_registry_reads_them(raw: str) -> None:
+    assert _headers.parse_date(raw) == reference_date(raw)
+
+
+def test_an_address_the_stdlib_parser_trips_over_is_malformed() -> None:
+    """CPython 3.11 raises UnboundLocalError on "x@[ ": a fault of the input."""
+    assert reason(To="jane@[ ") == "invalid_address_header"
+    assert reason(From="news@[ ") == ""  # From is sender_domains' business

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
+from email import policy
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policies import _headers, header_sanity
 from policies.base import (
     AccountPolicy,
     MessageKind,
@@ -22,7 +25,7 @@ from policies.base import (
     Verdict,
 )
 from policies.registry import PolicyFactory
-from policies.sender_domains import SenderDomains, from_table
+from policies.sender_domains import SenderDomains, from_table, organisational_domain
 from relay.message import MessageView
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
@@ -408,3 +411,204 @@ def test_any_from_or_reply_to_text_yields_a_verdict(from_: str, reply_to: str) -
 def test_any_from_bytes_yield_a_verdict(raw: bytes) -> None:
     verdict = check(b"From: " + raw, b"Reply-To: " + raw)
     assert verdict.outcome in {Outcome.PASS, Outcome.REFUSE}
+
+
+# -- the fast address reading agrees with the header registry -------------------
+
+ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+ATOM = st.text(alphabet=ATEXT, min_size=1, max_size=6).filter(lambda a: "=?" not in a)
+BLANKS = st.sampled_from(["", " ", "\t", "  ", " \t ", "\t\t"])
+SOME_BLANKS = st.sampled_from([" ", "\t", "  ", " \t "])
+
+
+def addr_specs(atom: st.SearchStrategy[str], label: str) -> st.SearchStrategy[str]:
+    return st.builds(
+        "{}@{}".format,
+        st.lists(atom, min_size=1, max_size=3).map(".".join),
+        st.lists(
+            st.text(alphabet=label, min_size=1, max_size=5), min_size=1, max_size=3
+        ).map(".".join),
+    )
+
+
+def mailboxes(
+    addr_spec: st.SearchStrategy[str], word: st.SearchStrategy[str]
+) -> st.SearchStrategy[str]:
+    name = st.lists(st.tuples(word, SOME_BLANKS), min_size=1, max_size=3).map(
+        lambda parts: "".join(w + b for w, b in parts).rstrip(" \t")
+    )
+    return st.one_of(
+        st.builds("{}{}{}".format, BLANKS, addr_spec, BLANKS),
+        st.builds("{}<{}>{}".format, BLANKS, addr_spec, BLANKS),
+        st.builds("{}{}{}<{}>{}".format, BLANKS, name, BLANKS, addr_spec, BLANKS),
+    )
+
+
+# Plain lists (the fast path) and lists with one odd piece (the registry).
+PLAIN_MAILBOX = mailboxes(addr_specs(ATOM, "abZ09-"), ATOM)
+ODD_MAILBOX = mailboxes(
+    addr_specs(ATOM | st.sampled_from(["", '"q"', "a b", "\u00e9"]), "abZ09-_[]:"),
+    ATOM | st.sampled_from(["J.", '"Q"', "(c)", "=?x?=", "a:b", "\u00e9", "<", "@"]),
+)
+ADDRESS_TEXT = st.one_of(
+    st.lists(PLAIN_MAILBOX, min_size=1, max_size=3).map(",".join),
+    st.lists(PLAIN_MAILBOX | ODD_MAILBOX, min_size=1, max_size=3).map(",".join),
+    st.text(alphabet=' \t<>@.,"()\\:;[]=?aZ0-_!#\u00e9', max_size=30),
+    st.text(max_size=30),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    name=st.sampled_from(["From", "Sender", "Reply-To", "To", "Cc", "Bcc"]),
+    text=ADDRESS_TEXT,
+)
+def test_plain_address_lists_read_as_the_registry_reads_them(
+    name: str, text: str
+) -> None:
+    fast = _headers.simple_mailboxes(text)
+    if fast is not None:
+        assert _headers.full_address_list(name, text) == _headers.AddressList(
+            fast, grouped=False
+        )
+    # and whatever the path, the memoised reading is the registry's
+    view = message(b"Subject: x")
+    assert _headers.address_list(view, name, text) == _headers.full_address_list(
+        name, text
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("news@acme.example", [("", "news@acme.example")]),
+        ("<news@acme.example>", [("", "news@acme.example")]),
+        ("Acme  News\t<news@acme.example>", [("Acme News", "news@acme.example")]),
+        ("Acme<news@acme.example>", [("Acme", "news@acme.example")]),
+        (
+            "a@acme.example, Help <desk@help.example> ",
+            [("", "a@acme.example"), ("Help", "desk@help.example")],
+        ),
+    ],
+)
+def test_plain_forms_take_the_fast_path(
+    text: str, expected: list[tuple[str, str]]
+) -> None:
+    fast = _headers.simple_mailboxes(text)
+    assert fast is not None
+    assert [(m.display_name, m.addr_spec) for m in fast] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"Acme" <news@acme.example>',
+        "J. Smith <news@acme.example>",
+        "news@acme.example (Acme)",
+        "=?utf-8?q?Acme?= <news@acme.example>",
+        "Team: a@acme.example;",
+        "news@[192.0.2.1]",
+        "a@acme.example,",
+        "Bücher <news@bücher.example>",
+        "a\\b@acme.example",
+        "a..b@acme.example",
+        "",
+    ],
+)
+def test_anything_else_goes_to_the_registry(text: str) -> None:
+    assert _headers.simple_mailboxes(text) is None
+
+
+def counting_registry(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record every ``policy.default.header_factory`` call the checks make."""
+    calls: list[tuple[str, str]] = []
+    real = policy.default.header_factory
+
+    def factory(name: str, value: str) -> object:
+        calls.append((name, value))
+        return real(name, value)
+
+    monkeypatch.setattr(
+        _headers,
+        "policy",
+        SimpleNamespace(default=SimpleNamespace(header_factory=factory)),
+    )
+    return calls
+
+
+def run_both(view: MessageView) -> tuple[Verdict, Verdict]:
+    ctx = PolicyContext(
+        stage=Stage.DATA,
+        account="acme",
+        mail_from="news@acme.example",
+        received_at=NOW,
+        message=view,
+        kind=MessageKind.MARKETING,
+    )
+    sanity = header_sanity.from_table({}, ENV)
+    return asyncio.run(sanity.check(ctx)), asyncio.run(build().check(ctx))
+
+
+def headers_of(from_: str, reply_to: str) -> MessageView:
+    return message(
+        f"From: {from_}",
+        "To: <jane@example.org>",
+        f"Reply-To: {reply_to}",
+        "Subject: Hello",
+        "Date: Mon, 23 Nov 2026 09:58:00 +0000",
+        "Message-ID: <1@acme.example>",
+    )
+
+
+def test_plain_sender_headers_need_no_registry_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = counting_registry(monkeypatch)
+    view = headers_of("Acme News <news@acme.example>", "Help <desk@help.example>")
+    verdicts = run_both(view)
+    assert [v.outcome for v in verdicts] == [Outcome.PASS, Outcome.PASS]
+    assert calls == []
+
+
+def test_header_sanity_and_sender_domains_share_one_parse_per_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An encoded-word From is parsed once by the registry, for header_sanity's
+    hostile-character scan and for sender_domains' mailbox."""
+    calls = counting_registry(monkeypatch)
+    from_ = "=?utf-8?q?B=C3=BCcher?= <news@acme.example>"
+    reply_to = '"Acme Help" <desk@acme.example>'
+    verdicts = run_both(headers_of(from_, reply_to))
+    assert [v.outcome for v in verdicts] == [Outcome.PASS, Outcome.PASS]
+    assert sorted(calls) == [("From", from_), ("Reply-To", reply_to)]
+
+
+def test_a_spoofing_display_name_is_refused_on_the_fast_path_too() -> None:
+    assert _headers.simple_mailboxes("PayPal.com <news@acme.example>") is None
+    assert _headers.simple_mailboxes("paypal-com <news@acme.example>") is not None
+    assert reason("From: Shop at paypal.com <news@acme.example>") == (
+        "display_name_spoofing"
+    )
+
+
+def test_domain_lookups_are_remembered() -> None:
+    organisational_domain.cache_clear()
+    assert organisational_domain("mail.acme.co.uk") == "acme.co.uk"
+    assert organisational_domain("mail.acme.co.uk") == "acme.co.uk"
+    assert organisational_domain.cache_info().hits == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("From: news@[ ", "from_unparsable"),
+        ("From: a@acme.example, b@[ ", "from_unparsable"),
+        ("Reply-To: desk@[ ", "reply_to_unparsable"),
+    ],
+)
+def test_an_address_the_stdlib_parser_trips_over_is_unparsable(
+    header: str, expected: str
+) -> None:
+    """CPython 3.11 raises UnboundLocalError on "x@[ ": a fault of the input."""
+    extra = () if header.startswith("From") else ("From: news@acme.example",)
+    assert reason(*extra, header) == expected
