@@ -96,8 +96,9 @@ class MessageLike(Protocol):
 
     The message is parsed once and shared: ``headers`` is the header section
     parsed with ``email.policy.default``; ``parsed`` is the whole message (MIME
-    tree, bodies), built on first use; ``memo`` caches anything derived from it
-    (such as the decoded body texts) so that several checks pay for it once.
+    tree, bodies), built on first use; ``memo`` caches anything derived from the
+    message (the header fields, the decoded body texts) so that several checks
+    pay for it once.
     """
 
     @property

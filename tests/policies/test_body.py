@@ -472,3 +472,13 @@ def test_any_body_bytes_never_raise(data: bytes) -> None:
 def test_any_html_never_raises(html: str) -> None:
     found = body_of(html_message(html, cte="base64"))
     assert isinstance(found, Body)
+
+
+def test_a_transfer_encoding_with_stray_blanks_is_still_decoded() -> None:
+    hidden = base64.b64encode(b"Get a payday loan today").decode()
+    content = (
+        "From: news@acme.example\r\nSubject: x\r\nContent-Type: text/plain\r\n"
+        f"Content-Transfer-Encoding:  base64 \r\n\r\n{hidden}\r\n"
+    ).encode()
+    body = body_of(MessageView(content))
+    assert any("payday loan" in text for text in body.texts)
