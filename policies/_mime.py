@@ -115,6 +115,12 @@ def boundary(part: Message) -> str | None:
     raw = raw_header(part, "content-type")
     if raw is None:
         return None
+    return boundary_of(raw)
+
+
+def boundary_of(raw: str) -> str | None:
+    """The boundary parameter of the Content-Type value ``raw`` (as stored, folds
+    included) as ``policy.default`` reads it; a regex for the usual shape."""
     plain = _plain_parameters(raw)
     if plain is not None:
         single, value = _only(plain[1], "boundary")

@@ -15,6 +15,8 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any, TypeVar, cast
 
+from policies._mime import boundary_of
+
 T = TypeVar("T")
 
 _PARSER = BytesParser(policy=policy.default)
@@ -124,11 +126,11 @@ class MessageView:
         found = _CONTENT_TYPE.search(block)
         if found is None or not _MULTIPART.match(found.group(1)):
             return None
-        return self._multipart_problem()
+        return self._multipart_problem(found.group(1))
 
-    def _multipart_problem(self) -> str | None:
+    def _multipart_problem(self, raw_type: bytes) -> str | None:
         try:
-            boundary = self.headers.get_boundary()
+            boundary = boundary_of(raw_type.decode("utf-8", "surrogateescape"))
         except (ValueError, TypeError, LookupError):
             return "unparsable Content-Type header"
         if not boundary:
