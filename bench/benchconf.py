@@ -20,6 +20,8 @@ from pathlib import Path
 
 from loadgen import RECIPIENT_DOMAIN, SENDER_DOMAIN
 
+from storage.imports import CONSENT_COLUMNS
+
 ACCOUNT = "bench"
 """The sending account (= the SMTP AUTH user name)."""
 
@@ -157,20 +159,7 @@ def write_consents_csv(path: Path, addresses: Iterable[str]) -> int:
     count = 0
     with path.open("w", encoding="utf-8", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(
-            (
-                "account",
-                "address",
-                "collected_at",
-                "source",
-                "opt_in",
-                "collection_url",
-                "ip",
-                "confirmed_at",
-                "statement",
-                "relationship",
-            )
-        )
+        writer.writerow(CONSENT_COLUMNS)
         for address in addresses:
             writer.writerow(
                 (
