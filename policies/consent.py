@@ -84,8 +84,7 @@ class Consent:
         reason, detail = next(iter(refused.values()))
         if len(refused) > 1:
             detail += f" (and {len(refused) - 1} more recipient(s))"
-        if len(refused) == len(ctx.recipients):
-            return refuse(reason, detail)
+        # Naming them all refuses the message (the pipeline decides which).
         return refuse_recipients(tuple(refused), reason, detail)
 
     def _problem(self, record: ConsentRecord | None) -> tuple[str, str] | None:

@@ -87,8 +87,7 @@ class Exclusion:
         detail = _describe(first) + (
             f" (and {others} more excluded recipient(s))" if others else ""
         )
-        if len(excluded) == len(ctx.recipients):
-            return refuse(f"excluded_{first.reason.value}", detail)
+        # Naming them all refuses the message (the pipeline decides which).
         return refuse_recipients(
             tuple(excluded), f"excluded_{first.reason.value}", detail
         )

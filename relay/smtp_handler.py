@@ -447,6 +447,13 @@ class RelayHandler:
                 policy = decided.policy or "-"
                 reply = replies.policy_refusal(policy, decided.verdict)
                 reason = decided.verdict.reason
+                if decided.verdict.outcome is Outcome.REFUSE:
+                    # Every recipient refused on its own (excluded, no consent).
+                    await self._record_blocks(
+                        account,
+                        txn,
+                        dict.fromkeys(decided.verdict.recipients, reason),
+                    )
             dropped = decided.dropped
         if reply is not None or view is None:
             reply = reply or replies.INTERNAL_ERROR

@@ -170,6 +170,8 @@ async def test_marketing_to_excluded_recipients_only_is_refused_at_data(
     assert info.value.code == 550
     assert "exclusion list (manual" in info.value.message
     assert upstream.messages == []
+    (block,) = await relay.store.events(EventKind.BLOCK)
+    assert (block.recipient, block.detail) == ("gone@example.org", "excluded_manual")
 
 
 async def test_an_account_entry_binds_that_account_only(

@@ -132,7 +132,7 @@ async def test_exclusion_at_data_names_only_the_excluded_recipients(
     )
     assert (some.outcome, some.recipients) == (Outcome.REFUSE, ("gone@example.org",))
     alone = await check.check(data("gone@example.org", kind=MessageKind.MARKETING))
-    assert (alone.outcome, alone.recipients) == (Outcome.REFUSE, ())
+    assert (alone.outcome, alone.recipients) == (Outcome.REFUSE, ("gone@example.org",))
     receipt = await check.check(
         data("gone@example.org", kind=MessageKind.TRANSACTIONAL)
     )
