@@ -224,7 +224,7 @@ class SqliteStore(SqliteLists):
             self._reader = await aiosqlite.connect(self._path, isolation_level=None)
             await self._configure(self._reader)
             self._point = sqlite3.connect(
-                f"file:{self._path}?mode=ro",
+                f"{self._path.resolve().as_uri()}?mode=ro",
                 uri=True,
                 isolation_level=None,
                 check_same_thread=False,

@@ -415,3 +415,13 @@ async def test_no_events_means_no_write(store: SqliteStore) -> None:
     before = store.commits
     await store.add_events([])
     assert store.commits == before
+
+
+async def test_lookups_work_in_a_directory_with_uri_characters(tmp_path: Path) -> None:
+    odd = SqliteStore(tmp_path / "we?ird #dir%20" / "relay.db")
+    await odd.open()
+    try:
+        await odd.add_suppressions([entry("jane@example.org")])
+        assert len(await odd.suppressions_for("jane@example.org", "acme", T0)) == 1
+    finally:
+        await odd.close()
