@@ -10,6 +10,7 @@ the store protocols are :mod:`storage.base`'s.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -232,7 +233,9 @@ class _AdminApi:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         expected = self.token.get_secret_value().encode("utf-8")
-        if not hmac.compare_digest(given.strip().encode("utf-8"), expected):
+        if not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), expected
+        ):
             raise ApiError(
                 401,
                 "invalid admin token",
@@ -280,21 +283,11 @@ class _AdminApi:
         """``POST /api/suppressions``: a JSON ``entries`` list or a CSV body."""
         kind = request.content_type
         now = self.clock.now()
-        if kind == _JSON:
-            body = _json_body(await _read(request, MAX_IMPORT_BYTES))
-            if not isinstance(body, dict) or not isinstance(body.get("entries"), list):
-                raise ApiError(400, 'expected {"entries": [...]}')
-            entries = _entries_from_json(body["entries"], now)
-        elif kind == _CSV:
-            text = _text(await _read(request, MAX_IMPORT_BYTES))
-            try:
-                entries = parse_suppressions_csv(
-                    io.StringIO(text, newline=""), source=SOURCE, now=now
-                )
-            except ImportProblems as exc:
-                raise _line_problems(exc) from None
-        else:
+        if kind not in (_JSON, _CSV):
             raise _unsupported(kind, (_JSON, _CSV))
+        raw = await _read(request, MAX_IMPORT_BYTES)
+        # A million rows take seconds to parse: not on the loop that serves SMTP.
+        entries = await asyncio.to_thread(_parse_suppressions, kind, raw, now)
         added = await self.store.add_suppressions(entries)
         log.info("suppressions_added", count=added, source=SOURCE)
         return web.json_response({"added": added}, status=201)
@@ -333,30 +326,10 @@ class _AdminApi:
     async def add_consents(self, request: web.Request) -> web.Response:
         """``POST /api/consent``: ``{"records": [...]}``, JSON lines or CSV."""
         kind = request.content_type
-        raw = await _read(request, MAX_IMPORT_BYTES)
-        if kind == _JSON:
-            body = _json_body(raw)
-            if not isinstance(body, dict) or not isinstance(body.get("records"), list):
-                raise ApiError(400, 'expected {"records": [...]}')
-            # One JSON line per record: the ledger's importer validates them, and
-            # its line N is the record at index N - 1.
-            as_lines = [json.dumps(record) + "\n" for record in body["records"]]
-            try:
-                records = parse_consents(as_lines, fmt="jsonl")
-            except ImportProblems as exc:
-                raise ApiError(
-                    400,
-                    f"{len(exc.problems)} invalid record(s); nothing was added",
-                    [{"index": p.line - 1, "message": p.message} for p in exc.problems],
-                ) from None
-        elif kind in (_CSV, *_NDJSON):
-            lines = io.StringIO(_text(raw), newline="")
-            try:
-                records = parse_consents(lines, fmt="csv" if kind == _CSV else "jsonl")
-            except ImportProblems as exc:
-                raise _line_problems(exc) from None
-        else:
+        if kind not in (_JSON, _CSV, *_NDJSON):
             raise _unsupported(kind, (_JSON, _NDJSON[0], _CSV))
+        raw = await _read(request, MAX_IMPORT_BYTES)
+        records = await asyncio.to_thread(_parse_consent_body, kind, raw)
         added = await self.store.add_consents(records)
         log.info("consents_added", count=added, source=SOURCE)
         return web.json_response({"added": added}, status=201)
@@ -440,7 +413,7 @@ def _reason(raw: str | None) -> SuppressionReason | None:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
         raise ApiError(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
     return int(raw)
 
@@ -531,3 +504,43 @@ def _expiry(raw: Any, reason: SuppressionReason, now: datetime) -> datetime | No
     if moment <= now:
         raise ValueError("expires_at is in the past")
     return moment
+
+
+def _parse_suppressions(kind: str, raw: bytes, now: datetime) -> list[Suppression]:
+    """The entries of a ``POST /api/suppressions`` body (run in a worker thread)."""
+    if kind == _JSON:
+        body = _json_body(raw)
+        if not isinstance(body, dict) or not isinstance(body.get("entries"), list):
+            raise ApiError(400, 'expected {"entries": [...]}')
+        return _entries_from_json(body["entries"], now)
+    try:
+        return parse_suppressions_csv(
+            io.StringIO(_text(raw), newline=""), source=SOURCE, now=now
+        )
+    except ImportProblems as exc:
+        raise _line_problems(exc) from None
+
+
+def _parse_consent_body(kind: str, raw: bytes) -> list[ConsentRecord]:
+    """The records of a ``POST /api/consent`` body (run in a worker thread)."""
+    if kind == _JSON:
+        body = _json_body(raw)
+        if not isinstance(body, dict) or not isinstance(body.get("records"), list):
+            raise ApiError(400, 'expected {"records": [...]}')
+        # One JSON line per record: the ledger's importer validates them, and
+        # its line N is the record at index N - 1.
+        as_lines = [json.dumps(record) + "\n" for record in body["records"]]
+        try:
+            records = parse_consents(as_lines, fmt="jsonl")
+        except ImportProblems as exc:
+            raise ApiError(
+                400,
+                f"{len(exc.problems)} invalid record(s); nothing was added",
+                [{"index": p.line - 1, "message": p.message} for p in exc.problems],
+            ) from None
+        return records
+    lines = io.StringIO(_text(raw), newline="")
+    try:
+        return parse_consents(lines, fmt="csv" if kind == _CSV else "jsonl")
+    except ImportProblems as exc:
+        raise _line_problems(exc) from None

@@ -408,3 +408,21 @@ async def test_consent_imported_as_json_lines_or_csv_and_shown(
 
     missing = await call(relay, "GET", "/api/consent/nobody@example.org")
     assert missing.status == 404
+
+
+async def test_odd_limits_and_token_bytes_get_clear_answers(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay({"http": {"admin_token": TOKEN}})
+    base = f"http://127.0.0.1:{relay.http.port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{base}/api/suppressions?limit=\u00b2", headers=AUTH
+        ) as response:
+            assert response.status == 400
+            assert "limit" in (await response.json())["error"]
+        async with http.get(
+            f"{base}/api/suppressions",
+            headers={"Authorization": "Bearer t\u00f6ken".encode().decode("latin-1")},
+        ) as response:
+            assert response.status == 401
