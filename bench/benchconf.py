@@ -73,6 +73,10 @@ secret = "{secret}"
 mode = "enforce"
 order = [{order}]
 
+[policies.optout_link]
+# The generated messages carry their own List-Unsubscribe.
+list_unsubscribe = "refuse"
+
 [log]
 level = "warning"
 

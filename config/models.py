@@ -142,6 +142,11 @@ class HttpConfig(_Section):
         parts = urlsplit(value)
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if not value.isascii():
+            raise ValueError(
+                f"{value!r} must be ASCII: write an internationalised host in its "
+                "xn-- form and percent-encode the path"
+            )
         return value.rstrip("/")
 
 
@@ -291,7 +296,12 @@ class FeedbackConfig(_Section):
     def _check_mailto(cls, value: str | None) -> str | None:
         if value is not None:
             local, at, domain = value.rpartition("@")
-            if not at or not local or not _HOSTNAME.match(domain):
+            if (
+                not at
+                or not local
+                or not value.isascii()
+                or not _HOSTNAME.match(domain)
+            ):
                 raise ValueError(
                     f"{value!r} is not an address like unsubscribe@relay.example"
                 )

@@ -229,16 +229,30 @@ def pipeline_for(
         problems.extend(exc.problems)
     else:
         optout = pipeline.policy("optout_link")
-        if getattr(optout, "adds_list_unsubscribe", False) and (
-            config.feedback.secret is None
-        ):
-            problems.append(
-                RegistryProblem(
-                    "policies.optout_link.list_unsubscribe",
-                    "'add' signs unsubscribe links: set [feedback] secret "
-                    "(or secret_env)",
-                )
-            )
+        if getattr(optout, "adds_list_unsubscribe", False):
+            problems.extend(_add_problems(config))
     if problems:
         raise PolicyConfigError(problems)
     return pipeline
+
+
+def _add_problems(config: RelayConfig) -> list[RegistryProblem]:
+    """What ``list_unsubscribe = "add"`` needs that ``config`` lacks."""
+    path = "policies.optout_link.list_unsubscribe"
+    problems = []
+    if config.feedback.secret is None:
+        problems.append(
+            RegistryProblem(
+                path,
+                "'add' signs unsubscribe links: set [feedback] secret (or secret_env)",
+            )
+        )
+    if not config.http.public_url.startswith("https://"):
+        problems.append(
+            RegistryProblem(
+                path,
+                "'add' needs an https:// [http] public_url: one-click unsubscribe "
+                "links must be https (RFC 8058)",
+            )
+        )
+    return problems

@@ -87,6 +87,17 @@ def malformed_message(reason: str) -> SmtpReply:
     return SmtpReply(550, "5.6.0", f"Message refused: {reason}")
 
 
+def too_many_copies(recipients: int, budget: int) -> SmtpReply:
+    """Per-recipient List-Unsubscribe copies would take too much room."""
+    return SmtpReply(
+        552,
+        "5.3.4",
+        f"Message too large for {recipients} recipients: each gets its own copy "
+        f"with a personal List-Unsubscribe, {budget // 1024} KiB at most in all; "
+        "send fewer recipients per message or add your own List-Unsubscribe",
+    )
+
+
 def policy_refusal(policy: str, verdict: Verdict) -> SmtpReply:
     """A policy's refusal or deferral (DESIGN.md: 550 5.7.1 / 451 4.7.1).
 

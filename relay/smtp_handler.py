@@ -45,6 +45,8 @@ _NULL_SENDER = "<>"
 PASSED = StageResult(PASS)
 _MAX_LINE = 998
 _CORE = "smtp"
+_COPIES_BUDGET = 4
+"""Per-recipient copies may total this many times the size limit."""
 
 
 @dataclass(slots=True)
@@ -448,12 +450,11 @@ class RelayHandler:
                 reply = replies.policy_refusal(policy, decided.verdict)
                 reason = decided.verdict.reason
                 if decided.verdict.outcome is Outcome.REFUSE:
-                    # Every recipient refused on its own (excluded, no consent).
-                    await self._record_blocks(
-                        account,
-                        txn,
-                        dict.fromkeys(decided.verdict.recipients, reason),
-                    )
+                    # Recipients refused on their own (excluded, no consent),
+                    # whether they were dropped first or decided the message.
+                    blocked = {r: v.reason for r, (_, v) in decided.dropped.items()}
+                    blocked.update(dict.fromkeys(decided.verdict.recipients, reason))
+                    await self._record_blocks(account, txn, blocked)
             dropped = decided.dropped
         if reply is not None or view is None:
             reply = reply or replies.INTERNAL_ERROR
@@ -479,6 +480,15 @@ class RelayHandler:
         account = session.account or "-"
         base_id = new_queue_id()
         recipients = tuple(r for r in txn.recipients if r not in dropped)
+        copies = len(recipients) if self._stamps(txn, view) else 1
+        budget = _COPIES_BUDGET * self._settings.max_message_size_bytes
+        if copies > 1 and copies * len(content) > budget:
+            reply = replies.too_many_copies(len(recipients), budget)
+            self._refuse_message(account, "too_many_copies", reply)
+            self._end_transaction(
+                session, "refused", reply, size=len(content), reason="too_many_copies"
+            )
+            return reply.render(session.session_id)
         messages = self._copies(
             session, server, txn, view, content, base_id, recipients
         )
@@ -557,11 +567,7 @@ class RelayHandler:
         adds a List-Unsubscribe of its own (its token names the recipient)."""
         account = session.account or "-"
         stamper = self.list_unsubscribe
-        if (
-            stamper is None
-            or txn.kind is not MessageKind.MARKETING
-            or view.header("List-Unsubscribe") is not None
-        ):
+        if stamper is None or not self._stamps(txn, view):
             return [
                 self._queue.new_message(
                     account=account,
@@ -590,6 +596,14 @@ class RelayHandler:
                 )
             )
         return copies
+
+    def _stamps(self, txn: Transaction, view: MessageView) -> bool:
+        """True if the relay adds its own List-Unsubscribe to this message."""
+        return (
+            self.list_unsubscribe is not None
+            and txn.kind is MessageKind.MARKETING
+            and view.header("List-Unsubscribe") is None
+        )
 
     def _block_event(
         self, account: str, txn: Transaction, rcpt: str, reason: str

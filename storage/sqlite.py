@@ -228,6 +228,9 @@ class SqliteStore(SqliteLists):
                 uri=True,
                 isolation_level=None,
                 check_same_thread=False,
+                # It runs on the event loop: never wait long for a lock (a WAL
+                # reader hardly ever meets one); a busy store defers the mail.
+                timeout=0.05,
             )
             self._point.execute("PRAGMA query_only=1")
         except (sqlite3.Error, OSError) as exc:

@@ -33,6 +33,8 @@ def write_config(tmp_path: Path, policies: str = "") -> Path:
 [storage]
 url = "sqlite:///{tmp_path}/relay.db"
 min_free_space = 0
+[http]
+public_url = "https://relay.acme.example"
 [feedback]
 secret = "a-long-enough-secret-for-unsubscribe-links"
 [policies]

@@ -368,6 +368,7 @@ async def test_hostile_and_odd_messages_get_a_verdict_never_a_fault(
             ),
             "server": {"max_message_size": "8MiB"},
             "feedback": {"secret": SECRET},
+            "http": {"public_url": "https://relay.example"},
         }
     )
     content = text.encode("utf-8")
@@ -382,3 +383,24 @@ async def test_hostile_and_odd_messages_get_a_verdict_never_a_fault(
     assert all(
         not sample("relay_policy_errors_total", {"policy": name}) for name in ALL
     )
+
+
+async def test_per_recipient_copies_are_bounded(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(marketing())  # 64 KiB limit: copies up to 256 KiB
+    big = message(body=LINK_BODY + ("x" * 70 + "\r\n") * 800)  # ~57 KiB
+    recipients = [f"r{n}@example.org" for n in range(5)]
+    smtp = await client(relay)
+    with pytest.raises(aiosmtplib.SMTPResponseException) as info:
+        await smtp.sendmail("news@acme.example", recipients, big)
+    assert info.value.code == 552
+    assert info.value.message.startswith(
+        "5.3.4 Message too large for 5 recipients: each gets its own copy"
+    )
+    # Four recipients fit, and each gets a copy of its own.
+    _, reply = await smtp.sendmail("news@acme.example", recipients[:4], big)
+    await smtp.quit()
+    assert reply.startswith("2.0.0 Ok: queued as")
+    await upstream.wait_for(4)
+    assert all(len(got.rcpt_tos) == 1 for got in upstream.messages)

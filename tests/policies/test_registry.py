@@ -88,3 +88,25 @@ def test_global_monitor_mode_applies_unless_a_table_overrides_it() -> None:
     )
     modes = [settings.mode for _, settings in pipeline._checks]
     assert modes == [Mode.MONITOR, Mode.ENFORCE]
+
+
+def test_adding_list_unsubscribe_needs_a_secret_and_an_https_public_url() -> None:
+    from config import parse_config
+    from policies.registry import pipeline_for
+
+    raw = {"policies": {"order": ["optout_link"]}}
+    with pytest.raises(PolicyConfigError) as info:
+        pipeline_for(parse_config(raw), lambda _: None, clock=SystemClock())
+    reasons = [p.reason for p in info.value.problems]
+    assert {p.path for p in info.value.problems} == {
+        "policies.optout_link.list_unsubscribe"
+    }
+    assert any("[feedback] secret" in r for r in reasons)
+    assert any("https" in r for r in reasons)
+    fine = {
+        **raw,
+        "http": {"public_url": "https://relay.example"},
+        "feedback": {"secret": "x" * 32},
+    }
+    pipeline = pipeline_for(parse_config(fine), lambda _: None, clock=SystemClock())
+    assert pipeline.order == ("optout_link",)
