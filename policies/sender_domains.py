@@ -19,7 +19,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from enum import StrEnum
 from typing import Any
@@ -161,6 +161,10 @@ class _Account:
         )
 
 
+_COMMENT = re.compile(r"\(([^()]*)\)")
+"""The text of a (non-nested) RFC 5322 comment."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Mailbox:
     """One parsed mailbox: canonical address and domain, decoded display name."""
@@ -249,7 +253,15 @@ class SenderDomains:
         verdict = self._check_age(matched, account)
         if verdict is not None:
             return verdict
-        return self._check_display_name("From", mailbox, account)
+        # Some readers show a comment as the sender's name: "x@acme.example
+        # (support@paypal.com)" is the same trick as a display name.
+        for text in (mailbox.display_name, *_COMMENT.findall(values[0])):
+            verdict = self._check_display_name(
+                "From", replace(mailbox, display_name=text), account
+            )
+            if verdict is not None:
+                return verdict
+        return None
 
     def _check_age(self, domain: str, account: _Account) -> Verdict | None:
         age_days = (self._clock.now().date() - account.domains[domain]).days

@@ -612,3 +612,10 @@ def test_an_address_the_stdlib_parser_trips_over_is_unparsable(
     """CPython 3.11 raises UnboundLocalError on "x@[ ": a fault of the input."""
     extra = () if header.startswith("From") else ("From: news@acme.example",)
     assert reason(*extra, header) == expected
+
+
+def test_a_comment_naming_another_domain_is_spoofing() -> None:
+    verdict = check("From: x@acme.example (support@paypal.com)")
+    assert verdict.reason == "display_name_spoofing"
+    assert "paypal.com" in verdict.detail
+    assert reason("From: x@acme.example (Acme News)") == ""
