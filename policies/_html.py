@@ -33,7 +33,10 @@ _MARKUP = re.compile(
     re.DOTALL,
 )
 _HIDING_STYLE = re.compile(
-    r"display\s*:\s*none|visibility\s*:\s*hidden|mso-hide\s*:\s*all", re.IGNORECASE
+    r"display\s*:\s*none|visibility\s*:\s*hidden|mso-hide\s*:\s*all"
+    r"|font-size\s*:\s*0(?![.\d]*[1-9])|opacity\s*:\s*0(?![.\d]*[1-9])"
+    r"|color\s*:\s*transparent|max-height\s*:\s*0(?![.\d]*[1-9])",
+    re.IGNORECASE,
 )
 INVISIBLE = re.compile("[\u00ad\u034f\u200b-\u200d\u2060\ufeff]")
 """Soft hyphen, zero-width and other invisible characters (all outside ASCII)."""

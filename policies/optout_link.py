@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -125,11 +125,14 @@ def compile_patterns(extra: Sequence[str] = ()) -> re.Pattern[str]:
 def is_usable(link: Link) -> bool:
     """A link a reader can see and follow: not hidden, with visible text (or an
     image's alt text), to an http, https or mailto URL."""
-    return (
-        not link.hidden
-        and bool(link.text.strip())
-        and link.url.lower().startswith(_USABLE_SCHEMES)
-    )
+    url = link.url.strip()
+    if not url.lower().startswith(_USABLE_SCHEMES):
+        return False
+    if url.lower().startswith("mailto:"):
+        followable = "@" in url
+    else:  # http(s): there must be a host to go to
+        followable = bool(urlsplit(url).hostname)
+    return not link.hidden and bool(link.text.strip()) and followable
 
 
 def says_optout(link: Link, pattern: re.Pattern[str]) -> bool:

@@ -425,3 +425,19 @@ def test_arbitrary_text_never_raises(text: str, as_html: bool) -> None:
     view = message(html_body=text) if as_html else message(text=text)
     assert run(view).outcome in (Outcome.PASS, Outcome.REFUSE)
     find_optout_link(body_of(view).links, PATTERN)
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        '<a href="https://acme.example/u" style="font-size:0">Unsubscribe</a>',
+        '<span style="opacity: 0"><a href="https://acme.example/u">Unsubscribe</a></span>',
+        '<a href="https://acme.example/u" style="color:transparent">Unsubscribe</a>',
+        '<a href="https:">Unsubscribe</a>',
+        '<a href="https:///unsubscribe">Unsubscribe</a>',
+        '<a href="mailto:">Unsubscribe</a>',
+    ],
+)
+def test_invisible_or_unfollowable_links_do_not_count(html: str) -> None:
+    verdict = run(message(html_body=f"<p>Shop news.</p><p>{html}</p>"))
+    assert verdict.reason == "optout_link_missing"
