@@ -367,7 +367,11 @@ def _check_message(
     from policies.pipeline import Observation, StageResult
     from relay import replies
     from relay.message import MessageView
+    from relay.smtp_handler import check_data
 
+    refusal, refused_for, _ = check_data(
+        content, config.server.max_message_size_bytes
+    )
     view = MessageView.parse(content)
     sender = (
         _envelope_address(mail_from)
@@ -384,8 +388,10 @@ def _check_message(
     default = config.accounts[account].default_category
     classified: Classification | None = None
     core: Verdict | None = None
-    if view.problem is not None:
-        core = refuse("malformed_message", view.problem)
+    core_reply: replies.SmtpReply | None = refusal
+    if refusal is not None:
+        # What the SMTP listener itself refuses (NUL, bare CR, long lines, ...).
+        core = refuse(refused_for, refusal.text)
     else:
         try:
             classified = classify(
@@ -393,6 +399,7 @@ def _check_message(
             )
         except CategoryError as exc:
             core = refuse("bad_category", str(exc))
+            core_reply = replies.malformed_message(str(exc))
     verdicts: list[dict[str, Any]] = [
         _verdict_json(_CHECK_CORE, core or Verdict(Outcome.PASS), "enforce")
     ]
@@ -414,9 +421,8 @@ def _check_message(
                 entry["error"] = f"{type(seen.error).__name__}: {seen.error}"
             verdicts.append(entry)
     decision: dict[str, Any]
-    if core is not None:
-        reply = replies.malformed_message(core.detail)
-        decision = _decision(False, core, _CHECK_CORE, reply.render())
+    if core is not None and core_reply is not None:
+        decision = _decision(False, core, _CHECK_CORE, core_reply.render())
     elif result is not None and not result.passed:
         policy = result.policy or "-"
         reply = replies.policy_refusal(policy, result.verdict)

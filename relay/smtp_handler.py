@@ -718,26 +718,7 @@ class RelayHandler:
     def _check_data(
         self, content: bytes
     ) -> tuple[SmtpReply | None, str, MessageView | None]:
-        if b"\x00" in content:
-            return replies.NUL_IN_DATA, "nul_byte", None
-        # RFC 5321 §2.3.8: lines end with CRLF only. A bare CR or LF could end the
-        # data early at a less careful server (SMTP smuggling), so refuse it here.
-        crlf = content.count(b"\r\n")
-        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-            return replies.BARE_LINE_ENDING, "bare_line_ending", None
-        if len(content) > self._settings.max_message_size_bytes:  # pragma: no cover
-            return replies.TOO_LARGE, "too_large", None
-        # RFC 5321 §4.5.3.1.6: 998 octets plus CRLF. aiosmtpd allows one more on the
-        # wire for a transparency dot, which it has removed by now.
-        if (
-            len(content) > _MAX_LINE
-            and max(map(len, content.split(b"\r\n"))) > _MAX_LINE
-        ):
-            return replies.LINE_TOO_LONG, "line_too_long", None
-        view = MessageView.parse(content)
-        if view.problem is not None:
-            return replies.malformed_message(view.problem), "malformed_message", None
-        return None, "", view
+        return check_data(content, self._settings.max_message_size_bytes)
 
     def _received_header(
         self, session: RelaySession, server: RelaySMTP, queue_id: str, txn: Transaction
@@ -844,3 +825,27 @@ class RelayHandler:
             reply=reply.render() if reply else None,
             duration_seconds=round(time.monotonic() - txn.started, 4),
         )
+
+
+def check_data(
+    content: bytes, max_size: int
+) -> tuple[SmtpReply | None, str, MessageView | None]:
+    """The relay's own checks of DATA (also run by ``relay check``): a refusal
+    with its reason token, or the parsed view."""
+    if b"\x00" in content:
+        return replies.NUL_IN_DATA, "nul_byte", None
+    # RFC 5321 §2.3.8: lines end with CRLF only. A bare CR or LF could end the
+    # data early at a less careful server (SMTP smuggling), so refuse it here.
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+        return replies.BARE_LINE_ENDING, "bare_line_ending", None
+    if len(content) > max_size:
+        return replies.TOO_LARGE, "too_large", None
+    # RFC 5321 §4.5.3.1.6: 998 octets plus CRLF. aiosmtpd allows one more on the
+    # wire for a transparency dot, which it has removed by now.
+    if len(content) > _MAX_LINE and max(map(len, content.split(b"\r\n"))) > _MAX_LINE:
+        return replies.LINE_TOO_LONG, "line_too_long", None
+    view = MessageView.parse(content)
+    if view.problem is not None:
+        return replies.malformed_message(view.problem), "malformed_message", None
+    return None, "", view

@@ -558,3 +558,22 @@ def test_every_new_command_has_help(toml: Path) -> None:
         result = CliRunner().invoke(main, [*args, "--help"], prog_name="relay")
         assert result.exit_code == 0, args
         assert "Usage: relay" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("body", "reply"),
+    [
+        ("A NUL \x00 byte.\n", "550 5.5.2"),
+        ("A bare CR \r in a line.\n", "550 5.5.2"),
+        ("x" * 1200 + "\n", "500 5.5.2"),
+    ],
+)
+def test_check_applies_the_smtp_listeners_own_data_checks(
+    toml: Path, tmp_path: Path, body: str, reply: str
+) -> None:
+    path = eml(tmp_path, "odd.eml", body=body)
+    result = relay(toml, "check", str(path), "--account", ACCOUNT, "--json")
+    assert result.exit_code == 1, result.output
+    decision = json.loads(result.stdout)["decision"]
+    assert (decision["accepted"], decision["policy"]) == (False, "core")
+    assert decision["reply"].startswith(reply)
