@@ -369,9 +369,7 @@ def _check_message(
     from relay.message import MessageView
     from relay.smtp_handler import check_data
 
-    refusal, refused_for, _ = check_data(
-        content, config.server.max_message_size_bytes
-    )
+    refusal, refused_for, _ = check_data(content, config.server.max_message_size_bytes)
     view = MessageView.parse(content)
     sender = (
         _envelope_address(mail_from)
