@@ -470,7 +470,7 @@ def _entry_from_json(item: Any, now: datetime) -> Suppression:
     except ValueError:
         choices = ", ".join(r.value for r in SuppressionReason)
         raise ValueError(f"reason must be one of {choices}") from None
-    account = item.get("account") or None
+    account = item.get("account")
     if account is not None and (not isinstance(account, str) or not account.strip()):
         raise ValueError("account must be an account name, or null for every account")
     note, source = item.get("note", ""), item.get("source", SOURCE)

@@ -855,6 +855,13 @@ def suppress_import(file: str, source: str, config_path: str) -> None:
             _report_problems(file, exc.problems, "entries")
         except (OSError, UnicodeDecodeError) as exc:
             _fail(f"cannot read {file}: {exc}")
+    unknown = sorted({e.account for e in entries if e.account} - set(config.accounts))
+    if unknown:
+        # Entries of an account relay.toml does not have match no mail (yet).
+        click.echo(
+            f"warning: {file} names account(s) not in relay.toml: {', '.join(unknown)}",
+            err=True,
+        )
     added = _with_store(config, lambda store: store.add_suppressions(entries))
     click.echo(f"imported {_plural(added, 'entry')} from {file}")
 

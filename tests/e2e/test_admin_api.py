@@ -426,3 +426,20 @@ async def test_odd_limits_and_token_bytes_get_clear_answers(
             headers={"Authorization": "Bearer t\u00f6ken".encode().decode("latin-1")},
         ) as response:
             assert response.status == 401
+
+
+async def test_an_empty_account_is_not_taken_for_every_account(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay(WITH_TOKEN)
+    refused = await call(
+        relay,
+        "POST",
+        "/api/suppressions",
+        json_body={
+            "entries": [{"address": "a@example.org", "reason": "manual", "account": ""}]
+        },
+    )
+    assert refused.status == 400
+    assert "account" in json.dumps(refused.body)
+    assert await relay.store.count_suppressions() == 0
