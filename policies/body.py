@@ -143,13 +143,24 @@ _FOLD_DROP = re.compile(
 )
 
 
+_LOOKALIKES = str.maketrans(
+    # Cyrillic and Greek letters that look like Latin ones: "pаyday" with a
+    # Cyrillic "а" must read as "payday" (a small part of Unicode TR39's
+    # confusables; the terms and patterns matched are Latin).
+    "аеіјорсухѕһԁԛԝӏкαοριυκνχ",
+    "aeijopcyxshdqwlkaopiukvx",
+)
+
+
 def fold(text: str) -> str:
     """``text`` for matching: case folded, compatibility-decomposed (NFKD), with
     combining marks and invisible characters removed ("Désinscription" ->
-    "desinscription"; fullwidth letters become ASCII)."""
+    "desinscription"; fullwidth letters become ASCII) and Cyrillic or Greek
+    look-alikes of Latin letters read as those letters."""
     if text.isascii():
         return text.lower()
-    return _FOLD_DROP.sub("", unicodedata.normalize("NFKD", text.casefold()))
+    folded = unicodedata.normalize("NFKD", text.casefold()).translate(_LOOKALIKES)
+    return _FOLD_DROP.sub("", folded)
 
 
 def extract(msg: Message) -> Body:

@@ -402,3 +402,13 @@ def test_the_registry_reports_problems_under_the_policy_path() -> None:
             registry,
         )
     assert str(info.value).startswith("policies.content_categories: threshold: ")
+
+
+async def test_cyrillic_and_greek_look_alikes_do_not_hide_a_term() -> None:
+    disguised = PAYDAY.replace("payday", "p\u0430yd\u0430y").replace(
+        "advance", "adv\u03b1nce"
+    )
+    assert disguised != PAYDAY
+    verdict = await check(message(disguised))
+    assert verdict.reason == "prohibited_content"
+    assert "'payday loan'" in verdict.detail
