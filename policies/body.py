@@ -144,9 +144,9 @@ _FOLD_DROP = re.compile(
 
 
 _LOOKALIKES = str.maketrans(
-    # Cyrillic and Greek letters that look like Latin ones: "pаyday" with a
-    # Cyrillic "а" must read as "payday" (a small part of Unicode TR39's
-    # confusables; the terms and patterns matched are Latin).
+    # Cyrillic and Greek letters that look like Latin ones: "payday" spelt with
+    # a Cyrillic "a" (U+0430) must read as "payday" (a small part of Unicode
+    # TR39's confusables; the terms and patterns matched are Latin).
     "аеіјорсухѕһԁԛԝӏкαοριυκνχ",
     "aeijopcyxshdqwlkaopiukvx",
 )
