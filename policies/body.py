@@ -107,6 +107,8 @@ class Link:
     click <a>here</a>"."""
     hidden: bool = False
     """Inside an element hidden by CSS (``display:none`` ...) or ``hidden``."""
+    html: bool = False
+    """Found in an HTML part (what mail readers display when there is one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,8 @@ class Body:
     links: tuple[Link, ...] = ()
     problems: tuple[str, ...] = ()
     """What could not be read, e.g. an unknown charset or a part cut at a cap."""
+    html_parts: int = 0
+    """How many text/html parts were read."""
 
 
 def body_of(message: MessageLike) -> Body:
@@ -275,6 +279,7 @@ class _Collector:
         self._tail: deque[Link] = deque(maxlen=MAX_LINKS // 2)
         self._dropped = 0
         self._problems: list[str] = []
+        self.html_parts = 0
 
     def problem(self, text: str) -> None:
         self._problems.append(text)
@@ -306,6 +311,7 @@ class _Collector:
             texts=tuple(self.texts),
             links=(*self._links, *self._tail),
             problems=tuple(problems),
+            html_parts=self.html_parts,
         )
 
 
@@ -396,8 +402,9 @@ def _previous_line(text: str, line_start: int) -> str:
 
 def _read_html(source: str, label: str, out: _Collector) -> None:
     def on_link(url: str, text: str, context: str, hidden: bool) -> None:
-        out.link(Link(url=url, text=text, context=context, hidden=hidden))
+        out.link(Link(url=url, text=text, context=context, hidden=hidden, html=True))
 
+    out.html_parts += 1
     found = read_html(source, out.budget(), on_link)
     if found.stopped_early:
         out.problem(f"{label}: HTML parsing stopped early")

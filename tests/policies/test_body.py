@@ -150,6 +150,7 @@ def test_html_only_message() -> None:
             url="https://acme.example/shop",
             text="Our shop the shop",
             context="See Our shop the shop today.",
+            html=True,
         ),
     )
 
@@ -176,8 +177,14 @@ def test_alternative_parts_give_both_texts_and_their_links() -> None:
             text="https://acme.example/u/1.",
             context="To stop these emails: https://acme.example/u/1.",
         ),
-        Link(url="https://acme.example/u/1", text="Unsubscribe", context="Unsubscribe"),
+        Link(
+            url="https://acme.example/u/1",
+            text="Unsubscribe",
+            context="Unsubscribe",
+            html=True,
+        ),
     )
+    assert found.html_parts == 1
 
 
 def test_attachments_attached_messages_and_images_are_skipped() -> None:

@@ -109,7 +109,7 @@ async def test_marketing_without_any_link_is_refused() -> None:
     assert (verdict.outcome, verdict.reason) == (Outcome.REFUSE, "optout_link_missing")
     assert verdict.detail == (
         "marketing message has no visible opt-out link (looked for unsubscribe/opt-out "
-        "wording in 0 link(s) of the text and HTML parts)"
+        "wording in 0 link(s) of the text part(s))"
     )
     assert verdict.figures == {"links": 0.0}
 
@@ -121,7 +121,19 @@ async def test_marketing_with_only_shop_links_is_refused_naming_the_count() -> N
     )
     verdict = await check(view)
     assert verdict.reason == "optout_link_missing"
-    assert "in 3 link(s)" in verdict.detail
+    assert "in 2 link(s) of the HTML part(s)" in verdict.detail
+
+
+async def test_an_optout_only_in_the_text_alternative_does_not_count() -> None:
+    """Readers show the HTML part; an opt-out the reader never sees is none."""
+    view = message(
+        text="Unsubscribe: https://acme.example/u/1\n",
+        html_body=anchor("Shop now"),
+    )
+    verdict = await check(view)
+    assert verdict.reason == "optout_link_missing"
+    text_only = await check(message(text="Unsubscribe: https://acme.example/u/1\n"))
+    assert text_only.outcome is Outcome.PASS
 
 
 # -- what counts as an opt-out link ---------------------------------------------
