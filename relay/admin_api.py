@@ -92,9 +92,14 @@ def add_admin_routes(
     store: AdminStore,
     admin_token: SecretStr | None,
     clock: Clock,
+    accounts: frozenset[str] | None = None,
 ) -> None:
-    """Mount the ``/api`` routes and their authentication on ``app``."""
-    api = _AdminApi(store, admin_token, clock)
+    """Mount the ``/api`` routes and their authentication on ``app``.
+
+    ``accounts`` (the configured account names, when known) lets an import
+    warn about entries for accounts relay.toml does not have.
+    """
+    api = _AdminApi(store, admin_token, clock, accounts)
     app.middlewares.append(api.middleware())
     router = app.router
     router.add_get("/api/suppressions", api.list_suppressions)
@@ -196,6 +201,21 @@ class _AdminApi:
     store: AdminStore
     token: SecretStr | None
     clock: Clock
+    accounts: frozenset[str] | None = None
+
+    def _unknown(self, named: set[str | None]) -> dict[str, Any]:
+        """``{"warnings": [...]}`` for accounts relay.toml does not have."""
+        if self.accounts is None:
+            return {}
+        unknown = sorted(a for a in named if a is not None and a not in self.accounts)
+        if not unknown:
+            return {}
+        return {
+            "warnings": [
+                f"account {name!r} is not in relay.toml: its entries match no mail"
+                for name in unknown
+            ]
+        }
 
     def middleware(self) -> Middleware:
         """Authentication and JSON errors for every path under ``/api``."""
@@ -290,7 +310,8 @@ class _AdminApi:
         entries = await asyncio.to_thread(_parse_suppressions, kind, raw, now)
         added = await self.store.add_suppressions(entries)
         log.info("suppressions_added", count=added, source=SOURCE)
-        return web.json_response({"added": added}, status=201)
+        warnings = self._unknown({entry.account for entry in entries})
+        return web.json_response({"added": added, **warnings}, status=201)
 
     async def remove_suppressions(self, request: web.Request) -> web.Response:
         """``DELETE /api/suppressions/{address}?account=&reason=`` with ``why``."""
@@ -332,7 +353,8 @@ class _AdminApi:
         records = await asyncio.to_thread(_parse_consent_body, kind, raw)
         added = await self.store.add_consents(records)
         log.info("consents_added", count=added, source=SOURCE)
-        return web.json_response({"added": added}, status=201)
+        warnings = self._unknown({record.account for record in records})
+        return web.json_response({"added": added, **warnings}, status=201)
 
     async def show_consents(self, request: web.Request) -> web.Response:
         """``GET /api/consent/{address}``: every account's proof, or 404."""

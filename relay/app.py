@@ -120,6 +120,7 @@ class Relay:
             store=self.store,
             admin_token=config.http.admin_token,
             clock=self.clock,
+            accounts=frozenset(config.accounts),
         )
         self.ready = False
         self.running = False

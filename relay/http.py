@@ -35,6 +35,7 @@ class HttpListener:
         store: AdminStore | None = None,
         admin_token: SecretStr | None = None,
         clock: Clock | None = None,
+        accounts: frozenset[str] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -49,7 +50,7 @@ class HttpListener:
         app.router.add_get("/readyz", self._readyz)
         if store is not None:
             # /api/...: the admin API (503 until [http] admin_token is set).
-            add_admin_routes(app, store, admin_token, clock or SystemClock())
+            add_admin_routes(app, store, admin_token, clock or SystemClock(), accounts)
         self.app = app
 
     @property

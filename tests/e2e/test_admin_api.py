@@ -388,7 +388,11 @@ async def test_consent_imported_as_json_lines_or_csv_and_shown(
     imported = await call(
         relay, "POST", "/api/consent", data=csv_body, content_type="text/csv"
     )
-    assert (imported.status, imported.body) == (201, {"added": 1})
+    assert (imported.status, imported.body["added"]) == (201, 1)
+    # "shop" is no account of this relay.toml: kept, with a warning.
+    assert imported.body["warnings"] == [
+        "account 'shop' is not in relay.toml: its entries match no mail"
+    ]
 
     shown = await call(relay, "GET", "/api/consent/jane@EXAMPLE.org")
     assert shown.status == 200
@@ -443,3 +447,25 @@ async def test_an_empty_account_is_not_taken_for_every_account(
     assert refused.status == 400
     assert "account" in json.dumps(refused.body)
     assert await relay.store.count_suppressions() == 0
+
+
+async def test_entries_for_an_unknown_account_are_added_with_a_warning(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay(WITH_TOKEN)
+    added = await call(
+        relay,
+        "POST",
+        "/api/suppressions",
+        json_body={
+            "entries": [
+                {"address": "a@example.org", "reason": "manual", "account": "ghost"},
+                {"address": "b@example.org", "reason": "manual", "account": ACCOUNT},
+            ]
+        },
+    )
+    assert added.status == 201
+    assert added.body["added"] == 2
+    assert added.body["warnings"] == [
+        "account 'ghost' is not in relay.toml: its entries match no mail"
+    ]
