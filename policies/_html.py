@@ -124,10 +124,11 @@ class HtmlResult:
 def read_html(source: str, budget: int, on_link: LinkSink) -> HtmlResult:
     """The visible text of the HTML document ``source`` (up to ``budget``
     characters kept) and its anchors, each given to ``on_link``."""
-    parser = HtmlText(budget, on_link)
+    document = sanitize_html(source)
+    parser = HtmlText(budget, on_link, hidden_selectors(document))
     stopped = False
     try:
-        parser.read(sanitize_html(source))
+        parser.read(document)
     except AssertionError:  # HTMLParser's "should not get here" on odd markup
         stopped = True
     parser.finish()
@@ -157,8 +158,14 @@ class HtmlText(HTMLParser):
     CSS; one stack of open elements tracks hiding (to 512 levels).
     """
 
-    def __init__(self, budget: int, on_link: LinkSink) -> None:
+    def __init__(
+        self,
+        budget: int,
+        on_link: LinkSink,
+        hidden: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(convert_charrefs=True)
+        self._hidden_selectors = hidden
         self._budget = budget
         self._on_link = on_link
         self._out: list[str] = []
@@ -249,7 +256,7 @@ class HtmlText(HTMLParser):
             return
         if tag == "p" and self._open.get("p"):
             self._pop("p")  # a new paragraph closes the open one
-        self._push(tag, tag in _ALWAYS_HIDDEN or _hides(attrs))
+        self._push(tag, tag in _ALWAYS_HIDDEN or _hides(attrs, self._hidden_selectors))
         if tag == "a":
             self._start_anchor(attrs)
 
@@ -420,10 +427,44 @@ def _attributes(source: str) -> list[tuple[str, str | None]]:
     ]
 
 
-def _hides(attrs: list[tuple[str, str | None]]) -> bool:
+def _hides(
+    attrs: list[tuple[str, str | None]], selectors: frozenset[str] = frozenset()
+) -> bool:
     for name, value in attrs:
         if name == "hidden":
             return True
-        if name == "style" and value and _HIDING_STYLE.search(value):
+        if not value:
+            continue
+        if name == "style" and _HIDING_STYLE.search(value):
+            return True
+        if selectors and name == "class":
+            if any(f".{word}" in selectors for word in value.split()):
+                return True
+        elif selectors and name == "id" and f"#{value.strip()}" in selectors:
             return True
     return False
+
+
+_STYLE_BLOCK = re.compile(r"<style\b[^>]*>(.*?)(?:</style\s*>|\Z)", re.I | re.S)
+_RULE = re.compile(r"([^{}]*)\{([^{}]*)\}")
+_AT_BLOCK = re.compile(r"@[^{};]*\{(?:[^{}]*\{[^{}]*\})*[^{}]*\}")
+"""An ``@media`` (or other at-rule) block: what it hides, it hides only on some
+screens (a desktop-only footer), so its rules are not read."""
+_SIMPLE_SELECTOR = re.compile(r"[a-z0-9]*([.#][\w-]+)", re.I)
+
+
+def hidden_selectors(document: str) -> frozenset[str]:
+    """``.class`` and ``#id`` selectors that a ``<style>`` block hides
+    (``.x { display: none }``, also ``td.x``): elements using them are hidden."""
+    if "<style" not in document and "<STYLE" not in document:
+        return frozenset()
+    found = set()
+    for block in _STYLE_BLOCK.findall(document):
+        for selectors, declarations in _RULE.findall(_AT_BLOCK.sub("", block)):
+            if not _HIDING_STYLE.search(declarations):
+                continue
+            for selector in selectors.split(","):
+                simple = _SIMPLE_SELECTOR.fullmatch(selector.strip())
+                if simple is not None:
+                    found.add(simple.group(1))
+    return frozenset(found)

@@ -453,3 +453,18 @@ def test_arbitrary_text_never_raises(text: str, as_html: bool) -> None:
 def test_invisible_or_unfollowable_links_do_not_count(html: str) -> None:
     verdict = run(message(html_body=f"<p>Shop news.</p><p>{html}</p>"))
     assert verdict.reason == "optout_link_missing"
+
+
+def test_a_link_hidden_by_a_style_rule_does_not_count() -> None:
+    hidden = (
+        "<style>.fine { display: none } #gone { font-size: 0 }</style>"
+        '<p>News.</p><p class="fine"><a href="https://acme.example/u">Unsubscribe</a>'
+        '</p><a id="gone" href="https://acme.example/u">Opt out</a>'
+    )
+    assert run(message(html_body=hidden)).reason == "optout_link_missing"
+    # Hidden only on some screens (@media) is still shown on the others.
+    responsive = (
+        "<style>@media (max-width: 600px) { .desk { display: none } }</style>"
+        '<p class="desk"><a href="https://acme.example/u">Unsubscribe</a></p>'
+    )
+    assert run(message(html_body=responsive)).outcome is Outcome.PASS
