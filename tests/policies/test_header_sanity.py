@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import BaseHeader, DateHeader
 from email.message import EmailMessage
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -30,21 +29,9 @@ from policies.base import (
 from policies.header_sanity import HeaderSanity, from_table
 from policies.registry import PolicyFactory
 from relay.message import MessageView
+from tests.support.policies import NOW, FrozenClock, counting_registry
 
 T = TypeVar("T")
-
-NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-
-
-class FrozenClock:
-    """A clock stopped at ``NOW``."""
-
-    def now(self) -> datetime:
-        return NOW
-
-    def monotonic(self) -> float:
-        return 0.0
-
 
 ENV = PolicyEnv(accounts={}, clock=FrozenClock())
 
@@ -357,23 +344,6 @@ class CountingView:
 
     def memo(self, key: str, build: Callable[[], T]) -> T:
         return self.view.memo(key, build)
-
-
-def counting_registry(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Record every ``policy.default.header_factory`` call the checks make."""
-    calls: list[tuple[str, str]] = []
-    real = policy.default.header_factory
-
-    def factory(name: str, value: str) -> object:
-        calls.append((name, value))
-        return real(name, value)
-
-    monkeypatch.setattr(
-        _headers,
-        "policy",
-        SimpleNamespace(default=SimpleNamespace(header_factory=factory)),
-    )
-    return calls
 
 
 def check_view(view: MessageLike) -> Verdict:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from datetime import UTC, date, datetime
-from email import policy
-from types import SimpleNamespace
+from datetime import date
 from typing import Any
 
 import pytest
@@ -27,19 +25,7 @@ from policies.base import (
 from policies.registry import PolicyFactory
 from policies.sender_domains import SenderDomains, from_table, organisational_domain
 from relay.message import MessageView
-
-NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-
-
-class FrozenClock:
-    """A clock stopped at ``NOW``."""
-
-    def now(self) -> datetime:
-        return NOW
-
-    def monotonic(self) -> float:
-        return 0.0
-
+from tests.support.policies import NOW, FrozenClock, counting_registry
 
 ACME = AccountPolicy(
     name="acme",
@@ -517,23 +503,6 @@ def test_plain_forms_take_the_fast_path(
 )
 def test_anything_else_goes_to_the_registry(text: str) -> None:
     assert _headers.simple_mailboxes(text) is None
-
-
-def counting_registry(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Record every ``policy.default.header_factory`` call the checks make."""
-    calls: list[tuple[str, str]] = []
-    real = policy.default.header_factory
-
-    def factory(name: str, value: str) -> object:
-        calls.append((name, value))
-        return real(name, value)
-
-    monkeypatch.setattr(
-        _headers,
-        "policy",
-        SimpleNamespace(default=SimpleNamespace(header_factory=factory)),
-    )
-    return calls
 
 
 def run_both(view: MessageView) -> tuple[Verdict, Verdict]:
