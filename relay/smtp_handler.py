@@ -480,7 +480,8 @@ class RelayHandler:
         account = session.account or "-"
         base_id = new_queue_id()
         recipients = tuple(r for r in txn.recipients if r not in dropped)
-        copies = len(recipients) if self._stamps(txn, view) else 1
+        stamper = self.list_unsubscribe if self._stamps(txn, view) else None
+        copies = len(recipients) if stamper is not None else 1
         budget = _COPIES_BUDGET * self._settings.max_message_size_bytes
         if copies > 1 and copies * len(content) > budget:
             reply = replies.too_many_copies(len(recipients), budget)
@@ -490,7 +491,7 @@ class RelayHandler:
             )
             return reply.render(session.session_id)
         messages = self._copies(
-            session, server, txn, view, content, base_id, recipients
+            session, server, txn, stamper, content, base_id, recipients
         )
         events: list[Event] = []
         if dropped:
@@ -558,16 +559,15 @@ class RelayHandler:
         session: RelaySession,
         server: RelaySMTP,
         txn: Transaction,
-        view: MessageView,
+        stamper: ListUnsubscribe | None,
         content: bytes,
         base_id: str,
         recipients: tuple[str, ...],
     ) -> list[NewMessage]:
-        """The message as queued: one copy, or one per recipient when the relay
-        adds a List-Unsubscribe of its own (its token names the recipient)."""
+        """The message as queued: one copy, or one per recipient when ``stamper``
+        adds the relay's own List-Unsubscribe (its token names the recipient)."""
         account = session.account or "-"
-        stamper = self.list_unsubscribe
-        if stamper is None or not self._stamps(txn, view):
+        if stamper is None:
             return [
                 self._queue.new_message(
                     account=account,
