@@ -72,6 +72,7 @@ secret = "{secret}"
 [policies]
 mode = "enforce"
 order = [{order}]
+workers = {workers}
 
 [policies.optout_link]
 # The generated messages carry their own List-Unsubscribe.
@@ -99,6 +100,7 @@ def relay_toml(
     order: Sequence[str] = (),
     secret: str | None = None,
     default_category: str | None = None,
+    workers: str = "auto",
 ) -> str:
     """relay.toml for the bench account; ``order`` lists the enforced checks."""
     return RELAY_TOML.format(
@@ -111,6 +113,7 @@ def relay_toml(
         pool_size=pool_size,
         secret=secret or secrets.token_urlsafe(32),
         order=", ".join(f'"{name}"' for name in order),
+        workers=workers if workers.isdecimal() else f'"{workers}"',
         user=ACCOUNT,
         password_hash=password_hash,
         domain=SENDER_DOMAIN,

@@ -279,9 +279,11 @@ class RelayTarget:
         name: str = "relay",
         order: tuple[str, ...] = (),
         lists: _ListFiles | None = None,
+        workers: str = "auto",
     ) -> None:
         self.name = name
         self.order = order
+        self.workers = workers
         self.lists = lists
         self.profile = profile
         self.dir = workdir / name.replace("+", "-")
@@ -356,6 +358,7 @@ class RelayTarget:
                 pool_size=self.pool_size,
                 password_hash=self._hash_password(),
                 order=self.order,
+                workers=self.workers,
             )
         )
         self._load_lists(config)
@@ -837,6 +840,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the checks relay+policies enforces, in order (attribution "
         "experiments); default: every registered check of the sending policy",
     )
+    parser.add_argument(
+        "--policy-workers",
+        metavar="N",
+        default="auto",
+        help='[policies] workers of both relays: "auto" (the default of relay.toml) '
+        "or a number; 0 runs the checks in the relay process",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     parser.add_argument(
         "--warmup", type=int, default=200, help="warm-up messages per target (0: none)"
@@ -954,7 +964,13 @@ def select_targets(
             )
         targets.append(
             RelayTarget(
-                workdir, args.pool_size, profile, name=name, order=order, lists=lists
+                workdir,
+                args.pool_size,
+                profile,
+                name=name,
+                order=order,
+                lists=lists,
+                workers=args.policy_workers,
             )
         )
     if not args.skip_postfix:

@@ -7,6 +7,7 @@ Secrets are ``SecretStr``; the loader resolves ``*_env`` keys before validation.
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from datetime import date
@@ -25,6 +26,8 @@ from pydantic import (
 
 from config.units import Bytes, Seconds
 
+MAX_POLICY_WORKERS = 64
+_AUTO_POLICY_WORKERS = 4
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -343,6 +346,27 @@ class PoliciesConfig(BaseModel):
 
     mode: str = "enforce"
     order: tuple[str, ...] = ()
+    workers: int | Literal["auto"] = "auto"
+    """Processes that run the DATA-stage checks beside the relay's own: 0 runs
+    them in the relay process; "auto" is one per CPU beyond the first, at most 4."""
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.isdecimal():  # from workers_env
+            value = int(value)
+        if value == "auto" or (
+            type(value) is int and 0 <= value <= MAX_POLICY_WORKERS  # not a bool
+        ):
+            return value
+        raise ValueError(f'must be "auto" or a number from 0 to {MAX_POLICY_WORKERS}')
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number (``auto`` resolved on this machine)."""
+        if isinstance(self.workers, int):
+            return self.workers
+        return max(0, min(_AUTO_POLICY_WORKERS, (os.cpu_count() or 1) - 1))
 
     @field_validator("mode")
     @classmethod

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar, cast
 
 from policies.base import (
     PASS,
@@ -27,6 +28,7 @@ from policies.base import (
 )
 
 POLICY_ERROR = "policy_error"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,14 @@ class Pipeline:
         """True if any check runs at ``stage`` (callers skip building a context)."""
         return stage in self._stages
 
+    def time_budget(self, stage: Stage) -> float:
+        """The seconds the checks at ``stage`` may take together (their timeouts)."""
+        return sum(
+            settings.timeout_seconds
+            for policy, settings in self._checks
+            if stage in policy.stages
+        )
+
     @property
     def order(self) -> tuple[str, ...]:
         """The names of the checks, in the order they run."""
@@ -139,8 +149,7 @@ class Pipeline:
         started = time.monotonic()
         error: BaseException | None = None
         try:
-            async with asyncio.timeout(settings.timeout_seconds):
-                verdict = await policy.check(ctx)
+            verdict = await _within(policy.check(ctx), settings.timeout_seconds)
         except TimeoutError as exc:
             error = exc
             verdict = self._on_error(policy, settings, "timed out")
@@ -164,3 +173,46 @@ class Pipeline:
         if settings.on_error is OnError.PASS:
             return PASS
         return defer(POLICY_ERROR, f"policy {policy.name} {what}; try again later")
+
+
+async def _within(check: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``await check`` under ``asyncio.timeout(seconds)``; but a check that ends
+    without suspending (in-memory work, a synchronous indexed lookup) arms no
+    timer: a timeout could not have interrupted it anyway, and arming one costs
+    more than many checks do."""
+    try:
+        waiting_on = check.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    async with asyncio.timeout(seconds):
+        return await _Resumed(check, waiting_on)
+
+
+class _Resumed(Generic[T]):
+    """The rest of a coroutine that suspended once already: awaiting this does
+    what ``yield from`` would have done from there on."""
+
+    __slots__ = ("_coro", "_waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], waiting_on: Any) -> None:
+        self._coro = coro
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, None, T]:
+        coro, waiting_on = self._coro, self._waiting_on
+        while True:
+            try:
+                yield waiting_on
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - cancellation: pass it in
+                try:
+                    waiting_on = coro.throw(exc)
+                except StopIteration as done:
+                    return cast(T, done.value)
+                continue
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration as done:
+                return cast(T, done.value)

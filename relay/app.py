@@ -1,6 +1,7 @@
 """Builds every part of the relay, starts them in order and drains them on SIGTERM.
 
-Start: store → queue → delivery workers → SMTP and HTTP listeners → ready.
+Start: store → policy workers → queue → delivery workers → SMTP and HTTP
+listeners → ready.
 Stop (SIGTERM or SIGINT): not ready; stop accepting connections; ``421 4.3.2`` to new
 transactions; in-flight transactions and delivery attempts get
 ``[server] shutdown_grace`` to finish; the rest stays queued; the store closes last.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from config.models import RelayConfig, split_listen
-from policies.base import MessageKind
+from policies.base import MessageKind, Stage
 from policies.content_categories import ContentCategories
 from policies.registry import pipeline_for
 from relay import __version__, replies
@@ -27,6 +29,7 @@ from relay.delivery import Delivery, DeliverySettings
 from relay.http import HttpListener
 from relay.list_unsubscribe import list_unsubscribe_for
 from relay.metrics import Metrics
+from relay.policy_workers import PolicyWorkers, WorkerSetup
 from relay.queue import Queue
 from relay.smtp_handler import HandlerSettings, RelayHandler
 from relay.smtp_server import SmtpListener
@@ -108,6 +111,21 @@ class Relay:
         content = self.handler.pipeline.policy("content_categories")
         if isinstance(content, ContentCategories):
             content.on_warning = self.handler.spam_subject_warning
+        self.policy_workers: PolicyWorkers | None = None
+        workers = config.policies.worker_count
+        if workers and self.handler.pipeline.runs_at(Stage.DATA):
+            # They read the system clock, whatever ``clock`` is.
+            self.policy_workers = PolicyWorkers(
+                WorkerSetup(
+                    config, base_dir, Path(config.storage.sqlite_path), config.log.level
+                ),
+                self.handler.pipeline,
+                self.handler.observe,
+                self.metrics,
+                count=workers,
+                on_warning=self.handler.spam_subject_warning,
+            )
+            self.handler.data_checks = self.policy_workers.run
         smtp_host, smtp_port = split_listen(server.listen)
         self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)
         http_host, http_port = split_listen(config.http.listen)
@@ -133,11 +151,16 @@ class Relay:
         """Open the store, start the workers and both listeners; then be ready."""
         await self.store.open()
         self.running = True  # from here on, shutdown() has something to undo
+        if self.policy_workers is not None:
+            await self.policy_workers.start()
         self._tasks = asyncio.create_task(self._run_tasks(), name="relay-tasks")
         self._tasks.add_done_callback(self._tasks_ended)
         await self.http.start()
         await self.smtp.start()
         self.ready = not self.failed
+        # What start-up built (config, term lists, the Public Suffix List) lives as
+        # long as the process: keep the collector from walking it again and again.
+        gc.freeze()
         stats = await self.store.stats()
         log.info(
             "relay_started",
@@ -204,6 +227,8 @@ class Relay:
             self._tasks = None
         await self.queue.drain_results()
         await self.http.stop()
+        if self.policy_workers is not None:
+            await self.policy_workers.close()
         await self.store.close()
         log.info("relay_stopped")
 

@@ -111,6 +111,18 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.policy_workers_ready = Gauge(
+            "relay_policy_workers_ready",
+            "Policy worker processes ready to check messages (0: checks run in "
+            "the relay process).",
+            registry=r,
+        )
+        self.policy_worker_failures_total = Counter(
+            "relay_policy_worker_failures_total",
+            "Policy worker processes that exited, hung (killed) or failed to start.",
+            ["reason"],
+            registry=r,
+        )
         self.policy_check_duration_seconds = Histogram(
             "relay_policy_check_duration_seconds",
             "Time one policy check took.",

@@ -223,22 +223,35 @@ class SqliteStore(SqliteLists):
             await self._migrate(self._writer)
             self._reader = await aiosqlite.connect(self._path, isolation_level=None)
             await self._configure(self._reader)
-            self._point = sqlite3.connect(
-                f"{self._path.resolve().as_uri()}?mode=ro",
-                uri=True,
-                isolation_level=None,
-                check_same_thread=False,
-                # It runs on the event loop: never wait long for a lock (a WAL
-                # reader hardly ever meets one); a busy store defers the mail.
-                timeout=0.05,
-            )
-            self._point.execute("PRAGMA query_only=1")
+            self._point = self._connect_point()
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageUnavailableError(f"cannot open {self._path}: {exc}") from exc
         self._writer_task = asyncio.create_task(
             self._write_loop(), name="sqlite-writer"
         )
+
+    def open_lookups(self) -> None:
+        """Open only the read-only connection of the point lookups
+        (``suppressions_for``, ``consent_for``), for a process that checks mail
+        but never writes: a policy worker. The relay has created the database."""
+        try:
+            self._point = self._connect_point()
+        except sqlite3.Error as exc:
+            raise StorageUnavailableError(f"cannot open {self._path}: {exc}") from exc
+
+    def _connect_point(self) -> sqlite3.Connection:
+        point = sqlite3.connect(
+            f"{self._path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            # It runs on the event loop: never wait long for a lock (a WAL
+            # reader hardly ever meets one); a busy store defers the mail.
+            timeout=0.05,
+        )
+        point.execute("PRAGMA query_only=1")
+        return point
 
     async def close(self) -> None:
         """Finish queued writes, stop the writer, close the connections."""

@@ -57,6 +57,9 @@ def config_dict(db_path: Path, upstream_url: str) -> dict[str, Any]:
             "max_lifetime": "1h",
         },
         "accounts": {ACCOUNT: {"password_hash": PASSWORD_HASH}},
+        # In process, so that a test's clock reaches the checks; the worker
+        # processes have tests of their own.
+        "policies": {"workers": 0},
     }
 
 

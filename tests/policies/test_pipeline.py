@@ -187,3 +187,73 @@ async def test_a_refusal_of_some_recipients_drops_only_them() -> None:
     decided = await pipeline.run(alone)
     assert not decided.passed
     assert decided.policy == "some"
+
+
+class Suspending:
+    """A check that waits on the event loop a few times before deciding."""
+
+    stages = DATA
+
+    def __init__(self, name: str, verdict: Verdict, *, fail: bool = False) -> None:
+        self.name = name
+        self.verdict = verdict
+        self.fail = fail
+        self.finished = False
+        self.cancelled = False
+
+    async def check(self, ctx: PolicyContext) -> Verdict:
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.01)  # a real timer, not only a yield
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        if self.fail:
+            raise RuntimeError("failed after waiting")
+        self.finished = True
+        return self.verdict
+
+
+async def test_a_check_that_suspends_is_resumed_until_its_verdict() -> None:
+    check = Suspending("slowish", refuse("late", "refused after waiting"))
+    pipeline, seen = build((check, PolicySettings(timeout_seconds=5)))
+    result = await pipeline.run(ctx())
+    assert check.finished
+    assert (result.policy, result.verdict.reason) == ("slowish", "late")
+    assert seen[0].duration_seconds >= 0.01
+
+
+async def test_a_check_that_fails_after_suspending_defers() -> None:
+    check = Suspending("flaky", PASS, fail=True)
+    pipeline, seen = build((check, PolicySettings()))
+    result = await pipeline.run(ctx())
+    assert result.verdict.outcome is Outcome.DEFER
+    assert result.verdict.reason == "policy_error"
+    assert isinstance(seen[0].error, RuntimeError)
+
+
+async def test_a_check_that_suspends_past_its_timeout_is_cancelled() -> None:
+    check = Suspending("slow", PASS)
+    pipeline, _ = build((check, PolicySettings(timeout_seconds=0.005)))
+    result = await pipeline.run(ctx())
+    assert result.verdict.reason == "policy_error"
+    assert check.cancelled
+    assert not check.finished
+
+
+async def test_cancelling_the_transaction_cancels_a_suspended_check() -> None:
+    check = Suspending("slow", PASS)
+    pipeline, seen = build((check, PolicySettings(timeout_seconds=5)))
+    task = asyncio.create_task(pipeline.run(ctx()))
+    for _ in range(2):
+        await asyncio.sleep(0)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:  # pragma: no cover - the assertion below explains
+        raise AssertionError("the run was not cancelled")
+    assert check.cancelled
+    assert seen == []
