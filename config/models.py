@@ -353,7 +353,7 @@ class PoliciesConfig(BaseModel):
     @field_validator("workers", mode="before")
     @classmethod
     def _check_workers(cls, value: object) -> object:
-        if isinstance(value, str) and value.isdecimal():  # from workers_env
+        if isinstance(value, str) and value.isascii() and value.isdigit():  # *_env
             value = int(value)
         if value == "auto" or (
             type(value) is int and 0 <= value <= MAX_POLICY_WORKERS  # not a bool

@@ -47,14 +47,16 @@ class MessageView:
         "size_bytes",
     )
 
-    def __init__(self, content: bytes) -> None:
+    def __init__(self, content: bytes, *, checked: bool = False) -> None:
+        """``checked``: the relay already found no structural problem in
+        ``content`` (a policy worker gets only such messages): not looked again."""
         self.content = content
         self.size_bytes = len(content)
         self.body_offset = header_block_end(content)
         self._headers: EmailMessage | None = None
         self._parsed: EmailMessage | None = None
         self._memo: dict[str, Any] = {}
-        self.problem = self._find_problem()
+        self.problem = None if checked else self._find_problem()
 
     @classmethod
     def parse(cls, content: bytes) -> MessageView:

@@ -36,13 +36,15 @@ import os
 import pickle
 import signal
 import struct
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import structlog
 
@@ -148,33 +150,110 @@ def _read_frame(stream: IO[bytes]) -> Any:
 # -- the relay's side ------------------------------------------------------------
 
 
-class _Worker:
-    """One worker process and the requests it has not answered yet."""
+class _Worker(asyncio.SubprocessProtocol):
+    """One worker slot: its current process, and the requests it has not answered.
 
-    def __init__(self, slot: int) -> None:
+    It is the process's protocol too: answers are cut from the stdout pipe's data
+    as it arrives and handed to their requests at once.
+    """
+
+    def __init__(self, slot: int, on_exit: Callable[[_Worker], None]) -> None:
         self.slot = slot
-        self.process: asyncio.subprocess.Process | None = None
+        self._on_exit = on_exit
+        self.transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._buffer = bytearray()
+        self.hello: asyncio.Future[Any] | None = None
         self.ready = False
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.started_at = 0.0
         self.stuck = False
         self.failures = 0
-        self.reader: asyncio.Task[None] | None = None
+        self.exited: asyncio.Event = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+        return None if self.transport is None else self.transport.get_pid()
+
+    # -- asyncio.SubprocessProtocol ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+        stdin = self.transport.get_pipe_transport(0)
+        self._stdin = cast(asyncio.WriteTransport, stdin)
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1 or isinstance(data, str):
+            return
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        garbled = False
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            end = start + _HEADER.size + size
+            if len(buffer) < end:
+                break
+            try:
+                answer = pickle.loads(buffer[start + _HEADER.size : end])  # noqa: S301 - our child
+            except Exception:  # noqa: BLE001 - whatever it is, the pipe is garbled
+                garbled = True
+                break
+            start = end
+            if not self._deliver(answer):
+                garbled = True
+                break
+        del buffer[:start]
+        if garbled:
+            log.error("policy_worker_garbled", pid=self.pid)
+            self.kill()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Called once the process has exited and its pipes are closed: every
+        # answer it wrote has been read by then.
+        self.ready = False
+        if self.hello is not None and not self.hello.done():
+            self.hello.set_result(None)
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(_WorkerGone())
+        self.pending.clear()
+        self.exited.set()
+        self._on_exit(self)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _deliver(self, answer: Any) -> bool:
+        """Hand ``answer`` to whoever waits for it; False if it is no answer."""
+        if not isinstance(answer, tuple) or not answer:
+            return False
+        if self.hello is not None and not self.hello.done():
+            self.hello.set_result(answer)
+            return True
+        future = self.pending.get(answer[0])
+        if future is not None and not future.done():
+            future.set_result(answer)
+        return True
+
+    def send(self, frame: bytes) -> None:
+        if self._stdin is None or self._stdin.is_closing():
+            raise _WorkerGone
+        self._stdin.write(frame)
 
     def submit(self, request_id: int, frame: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.send(frame)
         self.pending[request_id] = future
-        _pipes(self.process)[0].write(frame)
         return future
 
+    def close_stdin(self) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.close()
+
     def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
+        if self.transport is not None and self.transport.get_returncode() is None:
             with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+                self.transport.kill()
 
 
 class PolicyWorkers:
@@ -201,7 +280,7 @@ class PolicyWorkers:
         self._metrics = metrics
         self._on_warning = on_warning
         self._command = tuple(command or (sys.executable, "-m", "relay.policy_workers"))
-        self._workers = [_Worker(slot) for slot in range(count)]
+        self._workers = [_Worker(slot, self._exited) for slot in range(count)]
         self._deadline = local.time_budget(Stage.DATA) + DEADLINE_MARGIN_SECONDS
         self._next_id = 0
         self._closing = False
@@ -223,22 +302,17 @@ class PolicyWorkers:
         self._closing = True
         for task in list(self._restarts):
             task.cancel()
+        # A start cut short ends its own process (``_start``): wait for that.
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         for worker in self._workers:
-            process = worker.process
-            if process is None:
+            if worker.transport is None or worker.exited.is_set():
                 continue
             worker.ready = False
-            if process.stdin is not None:
-                process.stdin.close()
-            try:
+            worker.close_stdin()
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
-                    await process.wait()
-            except TimeoutError:
-                worker.kill()
-                await process.wait()
-            if worker.reader is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker.reader
+                    await worker.exited.wait()
+            await self._end(worker)
         self._metrics.policy_workers_ready.set(0)
 
     async def run(self, ctx: PolicyContext) -> StageResult:
@@ -263,7 +337,8 @@ class PolicyWorkers:
                     request_id,
                     ctx.account,
                     ctx.mail_from,
-                    ctx.received_at,
+                    # A timestamp: pickling an aware datetime costs 25x more.
+                    ctx.received_at.timestamp(),
                     ctx.peer_ip,
                     ctx.tls,
                     ctx.recipients,
@@ -326,39 +401,47 @@ class PolicyWorkers:
 
     async def _start(self, worker: _Worker) -> None:
         worker.stuck = False
+        worker.transport = None
+        worker.exited.clear()
+        loop = asyncio.get_running_loop()
+        worker.hello = loop.create_future()
         try:
-            process = await asyncio.create_subprocess_exec(
+            await loop.subprocess_exec(
+                lambda: worker,
                 *self._command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
             )
-        except OSError as exc:
-            self._start_failed(worker, str(exc))
-            return
-        worker.process = process
-        requests, answers = _pipes(process)
-        requests.write(self._setup_frame)
-        try:
+            worker.send(self._setup_frame)
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
-                answer = await _next_frame(answers)
-        except (TimeoutError, asyncio.IncompleteReadError, pickle.UnpicklingError):
-            answer = None
+                answer = await worker.hello
+        except (OSError, _WorkerGone, TimeoutError) as exc:
+            answer = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:  # close() during the start
+            await self._end(worker)
+            raise
         if not (isinstance(answer, tuple) and answer[:1] == ("ready",)):
-            worker.kill()
-            await process.wait()
-            self._start_failed(worker, str(answer[1]) if answer else "no answer")
+            error = answer[1] if isinstance(answer, tuple) else answer or "no answer"
+            await self._end(worker)
+            self._start_failed(worker, str(error))
             return
         if self._closing:
-            worker.kill()
-            await process.wait()
+            await self._end(worker)
             return
         worker.ready = True
         worker.started_at = time.monotonic()
         self._in_process_logged = False
-        worker.reader = asyncio.create_task(
-            self._read_answers(worker, process), name=f"policy-worker-{worker.slot}"
-        )
-        log.info("policy_worker_started", pid=process.pid, slot=worker.slot)
+        log.info("policy_worker_started", pid=worker.pid, slot=worker.slot)
+
+    async def _end(self, worker: _Worker) -> None:
+        """Stop ``worker``'s process (if any) and wait for it to be gone."""
+        if worker.transport is None:
+            return
+        worker.ready = False
+        worker.kill()
+        await worker.exited.wait()
+        worker.transport.close()
 
     def _start_failed(self, worker: _Worker, error: str) -> None:
         self._metrics.policy_worker_failures_total.labels("start_failed").inc()
@@ -366,32 +449,19 @@ class PolicyWorkers:
         worker.failures += 1
         self._restart_later(worker)
 
-    async def _read_answers(
-        self, worker: _Worker, process: asyncio.subprocess.Process
-    ) -> None:
-        """Hand each answer to its request; when the worker ends, fail the rest."""
-        answers = _pipes(process)[1]
-        try:
-            while True:
-                answer = await _next_frame(answers)
-                future = worker.pending.get(answer[0])
-                if future is not None and not future.done():
-                    future.set_result(answer)
-        except (asyncio.IncompleteReadError, pickle.UnpicklingError, OSError):
-            pass
-        worker.ready = False
-        for future in worker.pending.values():
-            if not future.done():
-                future.set_exception(_WorkerGone())
-        worker.pending.clear()
-        code = await process.wait()
+    def _exited(self, worker: _Worker) -> None:
+        """A worker process ended: count it and start another (not at close)."""
         self._metrics.policy_workers_ready.set(len(self.pids))
-        if self._closing:
-            return
+        if self._closing or worker.hello is None or not worker.started_at:
+            return  # closing, or a start that failed (``_start`` reports it)
+        if worker.transport is not None:
+            worker.transport.close()
         reason = "stuck" if worker.stuck else "exited"
+        code = None if worker.transport is None else worker.transport.get_returncode()
         self._metrics.policy_worker_failures_total.labels(reason).inc()
-        log.error("policy_worker_ended", pid=process.pid, reason=reason, code=code)
+        log.error("policy_worker_ended", pid=worker.pid, reason=reason, code=code)
         lived = time.monotonic() - worker.started_at
+        worker.started_at = 0.0
         worker.failures = 1 if lived >= _STABLE_SECONDS else worker.failures + 1
         self._restart_later(worker)
 
@@ -408,20 +478,6 @@ class PolicyWorkers:
         task = asyncio.create_task(restart(), name=f"policy-worker-{worker.slot}-start")
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
-
-
-def _pipes(
-    process: asyncio.subprocess.Process | None,
-) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
-    """The worker's stdin and stdout (both are pipes, see ``_start``)."""
-    if process is None or process.stdin is None or process.stdout is None:
-        raise _WorkerGone
-    return process.stdin, process.stdout
-
-
-async def _next_frame(stream: asyncio.StreamReader) -> Any:
-    (size,) = _HEADER.unpack(await stream.readexactly(_HEADER.size))
-    return pickle.loads(await stream.readexactly(size))  # noqa: S301 - our child
 
 
 def _unavailable() -> StageResult:
@@ -512,11 +568,11 @@ async def _answer(
             stage=Stage.DATA,
             account=account,
             mail_from=mail_from,
-            received_at=received_at,
+            received_at=datetime.fromtimestamp(received_at, UTC),
             peer_ip=peer_ip,
             tls=tls,
             recipients=recipients,
-            message=MessageView(content),
+            message=MessageView(content, checked=True),
             kind=None if kind is None else MessageKind(kind),
             notes=notes,
         )

@@ -685,15 +685,10 @@ class RelayHandler:
         """Every verdict of the pipeline: a metric and a log line (passes at debug)."""
         verdict = seen.verdict
         # Stage, Outcome and Mode are StrEnums: as labels they read as their values.
-        key = (seen.policy, seen.stage, verdict.outcome, seen.mode)
-        children = self._verdict_metrics.get(key)
-        if children is None:  # labels() takes a lock and a dict lookup: once
-            children = self._verdict_metrics[key] = (
-                self._metrics.policy_verdicts_total.labels(*key),
-                self._metrics.policy_check_duration_seconds.labels(seen.policy),
-            )
-        children[0].inc()
-        children[1].observe(seen.duration_seconds)
+        self._metrics.policy_verdicts.add(
+            (seen.policy, seen.stage, verdict.outcome, seen.mode),
+            seen.duration_seconds,
+        )
         if seen.error is not None:
             self._metrics.policy_errors_total.labels(seen.policy).inc()
             log.error(
