@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import logging
 import secrets
 import time
 from base64 import b64decode
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from relay.smtp_server import RelaySMTP
 
 log = structlog.get_logger(__name__)
+_ROOT_LOGGER = logging.getLogger()
+"""Its level is the one relay.logs configured (structlog filters by the same)."""
 
 _NULL_SENDER = "<>"
 PASSED = StageResult(PASS)
@@ -697,7 +700,12 @@ class RelayHandler:
                 stage=seen.stage.value,
                 exc_info=seen.error,
             )
-        emit = log.debug if verdict.outcome is Outcome.PASS else log.info
+        if verdict.outcome is Outcome.PASS:
+            if not _ROOT_LOGGER.isEnabledFor(logging.DEBUG):
+                return  # most verdicts: skip building a line nobody keeps
+            emit = log.debug
+        else:
+            emit = log.info
         emit(
             "policy_verdict",
             policy=seen.policy,
