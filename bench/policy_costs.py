@@ -749,7 +749,10 @@ def print_report(report: dict[str, Any]) -> None:
             f"the budget for relay+policies/relay >= 0.80 is "
             f"{guess['budget_us']:.0f} us\n(25% of the policies-off relay's "
             f"{guess['relay_cpu_ms']:.2f} ms CPU/message, --relay-cpu-ms): expected "
-            f"ratio {guess['expected_ratio']:.2f} for a relay bound by one core"
+            f"ratio {guess['expected_ratio']:.2f} for a relay bound by one core "
+            "that runs every check itself ([policies] workers = 0).\nWith policy "
+            "workers the DATA checks run on another CPU: the relay process pays the "
+            "RCPT checks and the hand-over, the machine the rest (bench/run.py)."
         )
     big = report.get("million")
     if big is not None:
