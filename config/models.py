@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from config.units import Bytes, Seconds
+from config.units import Bytes, Percent, Rate, RateLimit, Seconds
 
 MAX_POLICY_WORKERS = 64
 _AUTO_POLICY_WORKERS = 4
@@ -311,6 +311,63 @@ class FeedbackConfig(_Section):
         return value
 
 
+class BreachAction(StrEnum):
+    """What crossing a threshold does to the account."""
+
+    WARN = "warn"  # logged and flagged (state warning)
+    THROTTLE = "throttle"  # sending limited to [thresholds] throttle_rate
+    SUSPEND = "suspend"  # refused (550 5.7.1) until an operator reinstates it
+
+
+class BreachActions(_Section):
+    """``[thresholds.actions]``: the action for each statistic."""
+
+    bounce_rate: BreachAction = BreachAction.SUSPEND
+    unsubscribe_rate: BreachAction = BreachAction.THROTTLE
+    block_rate: BreachAction = BreachAction.THROTTLE
+    complaint_rate: BreachAction = BreachAction.SUSPEND
+    complaints_per_day: BreachAction = BreachAction.SUSPEND
+    spamtrap_hits: BreachAction = BreachAction.SUSPEND
+
+
+class ThresholdsConfig(_Section):
+    """``[thresholds]``: the acceptable rates of each sending account.
+
+    Rates are measured over a rolling ``window`` of hourly buckets. The defaults are
+    the sending policy's: bounces 8% of sent, unsubscribes 1.4% of delivered (1%
+    when unsubscribes outnumber clicks), blocks 30% of submitted, complaints 0.08%
+    of delivered (judged only above ``complaint_min_volume`` sent) and at most 50
+    in any 24 hours, at most 1 spamtrap hit.
+    """
+
+    window_seconds: Seconds = Field(default=30 * 86400.0, alias="window")
+    min_volume: int = Field(default=100, ge=1, le=10**9)
+    """Recipients sent in the window below which no rate is judged."""
+    warn_at: float = Field(default=0.8, gt=0, le=1)
+    """A rate above ``warn_at`` x its threshold puts the account in ``warning``."""
+    bounce_rate: Percent = 0.08
+    unsubscribe_rate: Percent = 0.014
+    unsubscribe_rate_without_clicks: Percent = 0.01
+    """The stricter unsubscribe limit, once unsubscribes exceed clicks."""
+    block_rate: Percent = 0.30
+    complaint_rate: Percent = 0.0008
+    complaint_min_volume: int = Field(default=1000, ge=0, le=10**9)
+    complaints_per_day: int = Field(default=50, ge=0, le=10**9)
+    """Complaints in any 24 hours; more breaches whatever the volume."""
+    spamtrap_hits: int = Field(default=1, ge=0, le=10**6)
+    """Spamtrap hits and unjustified abuse complaints allowed in the window."""
+    throttle_rate: Rate = RateLimit(100, 3600.0)
+    """What a throttled account may still send (recipients)."""
+    actions: BreachActions = BreachActions()
+
+    @field_validator("window_seconds")
+    @classmethod
+    def _check_window(cls, value: float) -> float:
+        if not 3600 <= value <= 366 * 86400:
+            raise ValueError("must be between 1h and 366d")
+        return value
+
+
 class AccountConfig(_Section):
     """``[accounts.NAME]``: a sending account; its name is the AUTH user name."""
 
@@ -324,6 +381,8 @@ class AccountConfig(_Section):
     """Addresses or domains also allowed in Sender and Reply-To."""
     allowed_content: tuple[str, ...] = ()
     """Prohibited-content categories this account is allowed to send."""
+    rate: Rate | None = None
+    """The most recipients it may send, e.g. ``"5000/h"`` (451 4.7.1 above)."""
 
     @field_validator("password_hash")
     @classmethod
@@ -413,6 +472,7 @@ class RelayConfig(_Section):
     feedback: FeedbackConfig = FeedbackConfig()
     log: LogConfig = LogConfig()
     policies: PoliciesConfig = PoliciesConfig()
+    thresholds: ThresholdsConfig = ThresholdsConfig()
     accounts: dict[str, AccountConfig] = Field(default_factory=dict)
 
     @field_validator("accounts", mode="before")

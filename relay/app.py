@@ -23,6 +23,7 @@ from policies.base import MessageKind, Stage
 from policies.content_categories import ContentCategories
 from policies.registry import pipeline_for
 from relay import __version__, replies
+from relay.accounts import Accounts
 from relay.auth import Authenticator
 from relay.clock import Clock, SystemClock
 from relay.delivery import Delivery, DeliverySettings
@@ -97,6 +98,9 @@ class Relay:
             free_space_ok=self.store.free_space_ok,
             events=self.store,
         )
+        self.accounts = Accounts(config, self.store, self.clock, self.metrics)
+        self.handler.accounts = self.accounts
+        self.queue.on_recorded = self.accounts.attempts_recorded
         self.handler.pipeline = pipeline_for(
             config,
             self.handler.observe,
@@ -151,6 +155,7 @@ class Relay:
         """Open the store, start the workers and both listeners; then be ready."""
         await self.store.open()
         self.running = True  # from here on, shutdown() has something to undo
+        await self.accounts.start()
         if self.policy_workers is not None:
             await self.policy_workers.start()
         self._tasks = asyncio.create_task(self._run_tasks(), name="relay-tasks")
@@ -175,6 +180,7 @@ class Relay:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.queue.run_poller(), name="queue-poller")
             group.create_task(self.queue.run_recorder(), name="queue-recorder")
+            group.create_task(self.accounts.run(), name="accounts")
             for number in range(self.config.upstream.pool_size):
                 group.create_task(
                     self.delivery.run_worker(number), name=f"worker-{number}"
@@ -226,6 +232,7 @@ class Relay:
                 await self._tasks
             self._tasks = None
         await self.queue.drain_results()
+        await self.accounts.stop()
         await self.http.stop()
         if self.policy_workers is not None:
             await self.policy_workers.close()

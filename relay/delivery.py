@@ -211,6 +211,9 @@ class Delivery:
         events: list[Event] = []
         failures: list[FailedRecipient] = []
         pending = 0
+        # Mail with the null sender is the relay's own (DSNs): it never counts
+        # against the account whose mail caused it.
+        counted = job.account if job.mail_from else None
         counts: dict[str, int] = {}
         for out in outcomes:
             if out.outcome is Outcome.DELIVERED:
@@ -238,7 +241,7 @@ class Delivery:
                 events.append(
                     Event(
                         kind=EventKind.BOUNCE,
-                        account=job.account,
+                        account=counted,
                         recipient=out.address,
                         occurred_at=now,
                         source="delivery",
@@ -292,6 +295,8 @@ class Delivery:
             ),
             events=tuple(events),
             followups=followups,
+            sent=len(outcomes) - pending,
+            account=counted,
         )
         if len(counts) > 1:
             result = "partial"

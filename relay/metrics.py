@@ -168,6 +168,25 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.account_rate_ratio = Gauge(
+            "relay_account_rate_ratio",
+            "Each account's statistic over its threshold (1 = at the threshold).",
+            ["account", "statistic"],
+            registry=r,
+        )
+        self.account_state = Gauge(
+            "relay_account_state",
+            "1 for each account's current state (ok, warning, throttled, suspended).",
+            ["account", "state"],
+            registry=r,
+        )
+        self.feedback_events_total = Counter(
+            "relay_feedback_events_total",
+            "Events counted for an account's reputation, by kind (sent, bounce, "
+            "block, unsubscribe, complaint, click, spamtrap_hit).",
+            ["account", "kind"],
+            registry=r,
+        )
         self.policy_workers_ready = Gauge(
             "relay_policy_workers_ready",
             "Policy worker processes ready to check messages (0: checks run in "

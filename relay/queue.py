@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -104,6 +104,8 @@ class Queue:
         self._ended: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self.on_recorded: Callable[[Sequence[AttemptRecord]], None] | None = None
+        """Called with each batch of attempts once it is committed."""
 
     @property
     def in_flight(self) -> int:
@@ -275,9 +277,11 @@ class Queue:
 
     async def _record(self, batch: list[AttemptRecord], *, retry: bool = True) -> None:
         delay = 0.5
+        recorded = False
         while True:
             try:
                 await self._store.record_attempts(batch)
+                recorded = True
                 break
             except StorageError as exc:
                 self._metrics.storage_errors_total.labels("record").inc()
@@ -293,6 +297,11 @@ class Queue:
                 # the same messages again while the store cannot record anything.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        if recorded and self.on_recorded is not None:
+            try:
+                self.on_recorded(batch)
+            except Exception:  # a counting fault must not stop deliveries
+                log.exception("attempts_not_counted")
         self._lease_epoch += 1
         for record in batch:
             self._in_flight.discard(record.queue_id)

@@ -74,6 +74,11 @@ INTERNAL_ERROR = SmtpReply(451, "4.3.0", "Internal error, try again later")
 SHUTTING_DOWN = SmtpReply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_SESSIONS = SmtpReply(421, "4.3.2", "Too many connections, try again later")
 ACCOUNT_DISABLED = SmtpReply(550, "5.7.1", "Account disabled")
+SPAMTRAP = SmtpReply(
+    550,
+    "5.7.1",
+    "Refused by policy spamtrap: recipient is on the exclusion list (spamtrap)",
+)
 
 
 def bad_address(which: str, reason: str) -> SmtpReply:

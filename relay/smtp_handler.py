@@ -14,7 +14,7 @@ import secrets
 import time
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from policies.base import (
 from policies.classify import CATEGORY_HEADER, CategoryError, classify
 from policies.pipeline import Observation, Pipeline, StageResult
 from relay import replies
+from relay.accounts import Accounts
 from relay.auth import Authenticator
 from relay.clock import Clock
 from relay.dsn import FailedRecipient
@@ -134,6 +135,8 @@ class RelayHandler:
         self._verdict_metrics: dict[
             tuple[str, Stage, Outcome, Mode], tuple[Any, Any]
         ] = {}
+        self.accounts: Accounts | None = None
+        """Account states and sending limits (the running relay sets it)."""
         self.list_unsubscribe: ListUnsubscribe | None = None
         """Set when ``[policies.optout_link] list_unsubscribe = "add"``: marketing
         mail without the header gets the relay's own, one copy per recipient."""
@@ -329,6 +332,11 @@ class RelayHandler:
                 )
                 self._refuse_message(account, "smtputf8_required", reply)
                 return reply.render(ref)
+        if self.accounts is not None:
+            suspended = self.accounts.mail_refusal(session.account)
+            if suspended is not None:
+                self._refuse_message(account, "account_suspended", suspended)
+                return suspended.render(ref)
         if not await self._free_space_ok():
             self._metrics.storage_errors_total.labels("full").inc()
             self._refuse_message(account, "storage_full", replies.STORAGE_FULL)
@@ -383,6 +391,29 @@ class RelayHandler:
             return self._refuse_rcpt(
                 txn, account, "too_many_recipients", replies.TOO_MANY_RECIPIENTS, ref
             )
+        accounts = self.accounts
+        if accounts is not None:
+            try:
+                trap = await accounts.is_spamtrap(rcpt)
+            except StorageError as exc:
+                # Fail closed: the recipient is deferred, never let through unseen.
+                self._metrics.storage_errors_total.labels("unavailable").inc()
+                log.warning("spamtrap_lookup_failed", error=str(exc))
+                return self._refuse_rcpt(
+                    txn,
+                    account,
+                    "storage_unavailable",
+                    replies.STORAGE_UNAVAILABLE,
+                    ref,
+                )
+            if trap:
+                await self._record_spamtrap_hit(session.account, txn, rcpt)
+                return self._refuse_rcpt(
+                    txn, account, "spamtrap", replies.SPAMTRAP, ref, policy="spamtrap"
+                )
+            limited = accounts.recipient_refusal(session.account)
+            if limited is not None:
+                return self._refuse_rcpt(txn, account, limited[1], limited[0], ref)
         pipeline = self.pipeline
         decided = (
             PASSED
@@ -541,6 +572,8 @@ class RelayHandler:
                 messages.append(dsn)
         try:
             await self._queue.enqueue(*messages, events=events)
+            if events and self.accounts is not None:
+                self.accounts.recorded(events)
         except StorageFullError as exc:
             self._metrics.storage_errors_total.labels("full").inc()
             return self._store_failed(
@@ -647,10 +680,35 @@ class RelayHandler:
             for rcpt, reason in refused.items()
         ]
         try:
-            await self._events.add_events(events)
+            new = await self._events.add_events(events)
         except StorageError as exc:
             self._metrics.storage_errors_total.labels("unavailable").inc()
             log.warning("block_event_not_recorded", error=str(exc))
+            return
+        if self.accounts is not None:
+            self.accounts.recorded(new)
+
+    async def _record_spamtrap_hit(
+        self, account: str, txn: Transaction, rcpt: str
+    ) -> None:
+        """A recipient on the spamtrap list: a ``spamtrap_hit`` and a ``block``."""
+        log.warning("spamtrap_hit", account=account, rcpt_domain=domain_of(rcpt))
+        if self._events is None:
+            return
+        block = self._block_event(account, txn, rcpt, "spamtrap")
+        hit = replace(
+            block,
+            kind=EventKind.SPAMTRAP_HIT,
+            dedup_key=f"spamtrap:{block.dedup_key}",
+        )
+        try:
+            new = await self._events.add_events([hit, block])
+        except StorageError as exc:
+            self._metrics.storage_errors_total.labels("unavailable").inc()
+            log.warning("spamtrap_hit_not_recorded", error=str(exc))
+            return
+        if self.accounts is not None:
+            self.accounts.recorded(new)
 
     async def handle_RSET(  # noqa: N802
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope

@@ -27,9 +27,16 @@ class EventKind(StrEnum):
     """Kinds of per-recipient events the reputation counters read."""
 
     SENT = "sent"
+    """Counted, never stored as a row: recipients the relay finished sending
+    (accepted upstream, or bounced or expired at delivery)."""
     BOUNCE = "bounce"
     BLOCK = "block"
     """A recipient the relay itself refused (excluded, no consent, ...)."""
+    UNSUBSCRIBE = "unsubscribe"
+    COMPLAINT = "complaint"
+    """An abuse or fraud report (ARF) about mail the account sent."""
+    CLICK = "click"
+    SPAMTRAP_HIT = "spamtrap_hit"
 
 
 class BounceType(StrEnum):
@@ -221,6 +228,59 @@ class AttemptRecord:
     last_error: str | None = None
     events: tuple[Event, ...] = ()
     followups: tuple[NewMessage, ...] = ()
+    sent: int = 0
+    """Recipients this attempt finished for ``account`` (the ``sent`` counter)."""
+    account: str | None = None
+    """The account the attempt counts for; ``None`` for mail the relay itself
+    generated (DSNs), which never counts against an account."""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterBucket:
+    """How many events of one kind an account had in one hour."""
+
+    account: str
+    hour: int
+    """Unix time // 3600."""
+    kind: EventKind
+    count: int
+
+
+class AccountState(StrEnum):
+    """Where an account stands; ``ok`` accounts have no stored state."""
+
+    OK = "ok"
+    WARNING = "warning"
+    THROTTLED = "throttled"
+    SUSPENDED = "suspended"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStanding:
+    """An account's current state, why, and since when."""
+
+    account: str
+    state: AccountState
+    reason: str
+    statistic: str | None
+    changed_at: datetime
+    changed_by: str
+    """``relay`` for an automatic change, else who the operator said they are."""
+    judged_from: datetime | None = None
+    """Rates count only the hours after this (set by a reinstatement)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStateChange:
+    """One change of an account's state (the audit trail)."""
+
+    account: str
+    old_state: AccountState
+    new_state: AccountState
+    reason: str
+    statistic: str | None
+    changed_at: datetime
+    changed_by: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +356,64 @@ class EventStore(Protocol):
         """Recorded events, newest first."""
         ...
 
-    async def add_events(self, events: Sequence[Event]) -> None:
-        """Record events durably (one commit); a repeated ``dedup_key`` counts once."""
+    async def add_events(self, events: Sequence[Event]) -> list[Event]:
+        """Record events durably (one commit) and count them (``counter_buckets``);
+        a repeated ``dedup_key`` is neither stored nor counted again. Returns the
+        events that were new."""
+        ...
+
+
+class CounterStore(Protocol):
+    """The reputation counters: events per account, hour and kind."""
+
+    async def counter_buckets(self, since_hour: int) -> list[CounterBucket]:
+        """Every bucket from ``since_hour`` on."""
+        ...
+
+    async def add_counts(self, buckets: Sequence[CounterBucket]) -> None:
+        """Add each bucket's count to the stored one."""
+        ...
+
+    async def prune_counters(self, before_hour: int) -> int:
+        """Forget buckets older than ``before_hour``; returns how many."""
+        ...
+
+
+class AccountStateStore(Protocol):
+    """Account states and their audit trail."""
+
+    async def account_standings(self) -> list[AccountStanding]:
+        """Every account with a stored state."""
+        ...
+
+    async def change_account_state(
+        self, standing: AccountStanding, old_state: AccountState
+    ) -> None:
+        """Store ``standing`` and its audit record in one transaction."""
+        ...
+
+    async def account_state_changes(
+        self, account: str, limit: int = 20
+    ) -> list[AccountStateChange]:
+        """The account's changes, newest first."""
+        ...
+
+
+class SpamtrapStore(Protocol):
+    """Spamtrap addresses."""
+
+    async def add_spamtraps(
+        self, addresses: Sequence[str], source: str, now: datetime
+    ) -> int:
+        """Add canonical addresses in one transaction; returns how many are new."""
+        ...
+
+    async def is_spamtrap(self, address: str) -> bool:
+        """One indexed lookup."""
+        ...
+
+    async def count_spamtraps(self) -> int:
+        """How many traps are listed."""
         ...
 
 
@@ -370,7 +486,16 @@ class ConsentStore(Protocol):
         ...
 
 
-class Store(QueueStore, EventStore, SuppressionStore, ConsentStore, Protocol):
+class Store(
+    QueueStore,
+    EventStore,
+    CounterStore,
+    AccountStateStore,
+    SpamtrapStore,
+    SuppressionStore,
+    ConsentStore,
+    Protocol,
+):
     """Everything the relay keeps, behind one object with a lifetime."""
 
     async def open(self) -> None:
@@ -389,11 +514,17 @@ class Store(QueueStore, EventStore, SuppressionStore, ConsentStore, Protocol):
 __all__: Sequence[str] = [
     "NEVER_EXPIRES",
     "REFUSES_EVERY_CATEGORY",
+    "AccountStanding",
+    "AccountState",
+    "AccountStateChange",
+    "AccountStateStore",
     "AttemptRecord",
     "BounceType",
     "ConsentRecord",
     "ConsentSource",
     "ConsentStore",
+    "CounterBucket",
+    "CounterStore",
     "Event",
     "EventKind",
     "EventStore",
@@ -404,6 +535,7 @@ __all__: Sequence[str] = [
     "QueuedMessage",
     "RecipientResult",
     "RecipientState",
+    "SpamtrapStore",
     "Store",
     "Suppression",
     "SuppressionReason",

@@ -27,6 +27,7 @@ import structlog
 from storage.base import (
     AttemptRecord,
     BounceType,
+    CounterBucket,
     Event,
     EventKind,
     NewMessage,
@@ -35,6 +36,7 @@ from storage.base import (
 )
 from storage.errors import StorageError, StorageFullError, StorageUnavailableError
 from storage.sqlite_lists import SqliteLists
+from storage.sqlite_reputation import SqliteReputation, count_row
 
 log = structlog.get_logger(__name__)
 
@@ -175,12 +177,23 @@ def _attempt_rows(record: AttemptRecord) -> list[Statement]:
             )
         )
     statements.extend(_event_row(event) for event in record.events)
+    if record.sent and record.account is not None:
+        statements.append(
+            count_row(
+                CounterBucket(
+                    record.account,
+                    int(_ts(record.attempted_at) // 3600),
+                    EventKind.SENT,
+                    record.sent,
+                )
+            )
+        )
     for followup in record.followups:
         statements.extend(_message_rows(followup))
     return statements
 
 
-class SqliteStore(SqliteLists):
+class SqliteStore(SqliteLists, SqliteReputation):
     """The embedded store: one database file, WAL, group-committed writes."""
 
     def __init__(
@@ -446,10 +459,23 @@ class SqliteStore(SqliteLists):
 
     # -- EventStore -----------------------------------------------------------
 
-    async def add_events(self, events: Sequence[Event]) -> None:
-        """Record events in one commit; a repeated ``dedup_key`` is ignored."""
-        if events:
-            await self._submit([_event_row(event) for event in events])
+    async def add_events(self, events: Sequence[Event]) -> list[Event]:
+        """Record events in one commit; a repeated ``dedup_key`` is ignored (and
+        not counted: the counting trigger fires only for rows inserted)."""
+        if not events:
+            return []
+        rows = [_event_row(event) for event in events]
+
+        async def run(db: aiosqlite.Connection) -> list[Event]:
+            new = []
+            for event, (sql, params) in zip(events, rows, strict=True):
+                cur = await db.execute(sql, params)
+                if cur.rowcount > 0:
+                    new.append(event)
+            return new
+
+        recorded: list[Event] = await self._submit([], run)
+        return recorded
 
     # -- reads ----------------------------------------------------------------
 

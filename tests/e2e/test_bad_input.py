@@ -584,15 +584,23 @@ async def test_store_unavailable_answers_451_never_250(
         assert (await conn.login(ACCOUNT, PASSWORD)).startswith("235")
         await relay.store.close()
         reply = await conn.cmd(f"MAIL FROM:<{SENDER}>")
-        if reply.startswith("250"):  # MAIL needs no store; the final reply matters
-            assert_reply(await conn.cmd(f"RCPT TO:<{RCPT}>"), "250", "2.1.5")
-            reply = await conn.send_data(data_of(message()))
-        assert_reply(reply, "451", "4.3.0")
+        assert_reply(reply, "250", "2.1.0")  # MAIL needs no store
+        # RCPT looks the recipient up among the spamtraps: that read fails.
+        assert_reply(await conn.cmd(f"RCPT TO:<{RCPT}>"), "451", "4.3.0")
+        # No recipient was accepted: DATA is refused.
+        assert_reply(await conn.cmd("DATA"), "503", "5.5.1")
         # The session is still usable.
         assert_reply(await conn.cmd("RSET"), "250", "2.0.0")
     finally:
         await conn.close()
-    assert refused(relay, "storage_unavailable") == 1
+    assert (
+        sample(
+            relay,
+            "relay_recipients_refused_total",
+            {"account": ACCOUNT, "policy": "smtp", "reason": "storage_unavailable"},
+        )
+        == 1
+    )
     assert sample(relay, "relay_storage_errors_total", {"kind": "unavailable"}) == 1
     assert upstream.messages == []
 
