@@ -1017,3 +1017,8 @@ def consent_show(address: str, as_json: bool, config_path: str) -> None:
         shown = consent_json(record)
         for key, label in _PROOF_FIELDS:
             click.echo(f"{label + ':':<16} {shown[key] or '-'}")
+
+
+# Registers "relay accounts" and "relay spamtraps" on ``main`` (kept apart: they
+# need everything above).
+from relay import cli_reputation  # noqa: E402, F401

@@ -1,0 +1,312 @@
+"""``relay accounts`` and ``relay spamtraps``: account reputation on the command line.
+
+They read and write the store directly, so they work whether the relay runs or
+not; a running relay reads stored state changes back within seconds
+(:data:`relay.accounts.RECONCILE_SECONDS`). Rates shown here are computed from the
+stored hourly counts, exactly as the relay computes them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from config import RelayConfig
+from policies.reputation import Counters, Reading, hour_of, judge, readings
+from relay.accounts import reinstate_in_store
+from relay.cli import (
+    _account_or_exit,
+    _fail,
+    _load,
+    _open_input,
+    _plural,
+    _with_store,
+    config_option,
+    main,
+)
+from storage.addresses import AddressError, canonical_address
+from storage.base import AccountStanding, AccountState, AccountStateChange
+from storage.sqlite import SqliteStore
+
+_STATE_CHANGES = 5
+
+
+async def _snapshot(
+    store: SqliteStore, config: RelayConfig, changes_of: str | None
+) -> tuple[Counters, dict[str, AccountStanding], list[AccountStateChange]]:
+    now_hour = hour_of(datetime.now(UTC).timestamp())
+    counters = Counters(config.thresholds.window_seconds)
+    buckets = await store.counter_buckets(now_hour - counters.window_hours)
+    counters.load(buckets, now_hour)
+    standings = {s.account: s for s in await store.account_standings()}
+    for account, standing in standings.items():
+        if standing.judged_from is not None:
+            counters.start_after(account, hour_of(standing.judged_from.timestamp()))
+    changes = (
+        await store.account_state_changes(changes_of, _STATE_CHANGES)
+        if changes_of
+        else []
+    )
+    return counters, standings, changes
+
+
+def _reading_json(reading: Reading) -> dict[str, Any]:
+    return {
+        "statistic": reading.statistic.value,
+        "value": reading.value,
+        "threshold": reading.limit,
+        "ratio": None if reading.ratio == float("inf") else round(reading.ratio, 4),
+        "count": reading.count,
+        "base": reading.base,
+        "judged": reading.judged,
+        "breached": reading.breached,
+        "action": reading.action.value,
+    }
+
+
+def _value(reading: Reading, value: float) -> str:
+    if reading.base or reading.statistic.value.endswith("_rate"):
+        return f"{value * 100:.2f}%"
+    return f"{int(value)}"
+
+
+def _status_json(
+    account: str,
+    config: RelayConfig,
+    counters: Counters,
+    standing: AccountStanding | None,
+    changes: list[AccountStateChange],
+) -> dict[str, Any]:
+    totals = counters.totals(account)
+    found = readings(totals, config.thresholds)
+    judgement = judge(found)
+    return {
+        "account": account,
+        "state": (standing.state if standing else AccountState.OK).value,
+        "reason": standing.reason if standing else None,
+        "since": standing.changed_at.isoformat() if standing else None,
+        "changed_by": standing.changed_by if standing else None,
+        "rates_call_for": judgement.state.value,
+        "window": config.thresholds.window_seconds,
+        "counts": {
+            "sent": totals.sent,
+            "delivered": totals.delivered,
+            "bounces": totals.bounces,
+            "blocks": totals.blocks,
+            "unsubscribes": totals.unsubscribes,
+            "complaints": totals.complaints,
+            "complaints_24h": totals.complaints_24h,
+            "clicks": totals.clicks,
+            "spamtrap_hits": totals.spamtrap_hits,
+        },
+        "rates": [_reading_json(r) for r in found],
+        "changes": [
+            {
+                "at": c.changed_at.isoformat(),
+                "from": c.old_state.value,
+                "to": c.new_state.value,
+                "by": c.changed_by,
+                "reason": c.reason,
+            }
+            for c in changes
+        ],
+    }
+
+
+@main.group(invoke_without_command=True)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def accounts(ctx: click.Context, config_path: str, as_json: bool) -> None:
+    """Every account with its state and the rate nearest its threshold.
+
+    "relay accounts status NAME" shows one account in full; "relay accounts
+    reinstate NAME --reason ..." lifts a suspension.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    config = _load(config_path)
+    counters, standings, _ = _with_store(
+        config, lambda store: _snapshot(store, config, None)
+    )
+    names = sorted(set(config.accounts) | set(standings))
+    rows = [
+        _status_json(name, config, counters, standings.get(name), []) for name in names
+    ]
+    if as_json:
+        click.echo(json.dumps({"accounts": rows}, indent=2))
+        return
+    click.echo(f"{'account':<20} {'state':<10} {'sent':>8}  nearest threshold")
+    for row in rows:
+        judged = [r for r in row["rates"] if r["judged"] and r["ratio"] != 0]
+        nearest = max(judged, key=lambda r: r["ratio"] or float("inf"), default=None)
+        if nearest is not None:
+            ratio = nearest["ratio"]
+            text = (
+                f"{nearest['statistic']} at "
+                f"{'no' if ratio is None else f'{ratio:.2f} of its'} threshold"
+            )
+        elif row["counts"]["sent"] < config.thresholds.min_volume:
+            text = f"rates not judged below {config.thresholds.min_volume} sent"
+        else:
+            text = "every rate at 0"
+        click.echo(
+            f"{row['account']:<20} {row['state']:<10} {row['counts']['sent']:>8}  "
+            f"{text}"
+        )
+
+
+@accounts.command("status")
+@click.argument("name")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def accounts_status(name: str, config_path: str, as_json: bool) -> None:
+    """One account: its state and why, each rate against its threshold with the
+    counts behind it, and the last changes of state with their reasons."""
+    config = _load(config_path)
+    counters, standings, changes = _with_store(
+        config, lambda store: _snapshot(store, config, name)
+    )
+    if name not in config.accounts and name not in standings:
+        _account_or_exit(config, name)
+    status = _status_json(name, config, counters, standings.get(name), changes)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    standing = standings.get(name)
+    since = (
+        f" since {standing.changed_at:%Y-%m-%d %H:%M} UTC (by {standing.changed_by})"
+        if standing
+        else ""
+    )
+    click.echo(f"account {name}: {status['state']}{since}")
+    if standing and standing.reason:
+        click.echo(f"  {standing.reason}")
+    window = config.thresholds.window_seconds
+    found = readings(counters.totals(name), config.thresholds)
+    click.echo("")
+    click.echo(
+        f"{'statistic':<20} {'value':>8} {'threshold':>10} {'ratio':>6}  "
+        f"{'counts':<24} {'on breach':<9} judged"
+    )
+    for reading in found:
+        counts = (
+            f"{reading.count} / {reading.base}" if reading.base else f"{reading.count}"
+        )
+        ratio = "inf" if reading.ratio == float("inf") else f"{reading.ratio:.2f}"
+        click.echo(
+            f"{reading.statistic.value:<20} {_value(reading, reading.value):>8} "
+            f"{_value(reading, reading.limit):>10} {ratio:>6}  {counts:<24} "
+            f"{reading.action.value:<9} {'yes' if reading.judged else 'no'}"
+        )
+    c = status["counts"]
+    click.echo("")
+    click.echo(
+        f"over {window / 86400:g}d: sent {c['sent']}, delivered {c['delivered']}, "
+        f"bounces {c['bounces']}, blocks {c['blocks']}, unsubscribes "
+        f"{c['unsubscribes']}, clicks {c['clicks']}, complaints {c['complaints']} "
+        f"({c['complaints_24h']} in 24h), spamtrap hits {c['spamtrap_hits']}"
+    )
+    if changes:
+        click.echo("")
+        click.echo("last changes:")
+        for change in changes:
+            click.echo(
+                f"  {change.changed_at:%Y-%m-%d %H:%M:%S} {change.old_state.value} -> "
+                f"{change.new_state.value} by {change.changed_by}: {change.reason}"
+            )
+
+
+@accounts.command("reinstate")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why (kept in the audit trail).")
+@click.option("--by", default=None, help="Who reinstates (default: the login name).")
+@config_option
+def accounts_reinstate(
+    name: str, reason: str, by: str | None, config_path: str
+) -> None:
+    """Set the account back to ok; its rates count afresh from the next hour.
+
+    A running relay applies it within seconds."""
+    config = _load(config_path)
+    _account_or_exit(config, name)
+    if not reason.strip():
+        _fail("--reason must say why")
+    who = by or _login()
+    standing = _with_store(
+        config,
+        lambda store: reinstate_in_store(
+            store, name, reason.strip(), who, datetime.now(UTC)
+        ),
+    )
+    click.echo(f"account {name} reinstated by {who}: {standing.reason}")
+
+
+def _login() -> str:
+    try:
+        return f"operator {getpass.getuser()}"
+    except (KeyError, OSError):
+        return "operator"
+
+
+@main.group()
+def spamtraps() -> None:
+    """Spamtrap addresses: mail to one is refused and counts as a spamtrap hit."""
+
+
+@spamtraps.command("import")
+@click.argument("file", metavar="FILE")
+@click.option(
+    "--source", default="import", show_default=True, help="Where the list came from."
+)
+@config_option
+def spamtraps_import(file: str, source: str, config_path: str) -> None:
+    """Import the addresses of FILE ("-" for stdin), all or nothing.
+
+    One address per line, or a CSV whose first row names an "address" column;
+    blank lines and lines starting with "#" are skipped. Every bad line is
+    printed as FILE:LINE: message on stderr and nothing is written (exit 2).
+    """
+    config = _load(config_path)
+    addresses: list[str] = []
+    problems: list[str] = []
+    column: int | None = None
+    with _open_input(file) as lines:
+        try:
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                fields = [f.strip().strip('"') for f in text.split(",")]
+                if column is None and "address" in [f.lower() for f in fields]:
+                    column = [f.lower() for f in fields].index("address")
+                    continue
+                value = (
+                    fields[column]
+                    if column is not None and column < len(fields)
+                    else text
+                )
+                try:
+                    addresses.append(canonical_address(value))
+                except AddressError as exc:
+                    problems.append(f"{file}:{number}: {value!r}: {exc.reason}")
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"cannot read {file}: {exc}")
+    if problems:
+        for problem in problems[:100]:
+            click.echo(problem, err=True)
+        _fail(f"{_plural(len(problems), 'bad line')}; nothing imported")
+    unique = list(dict.fromkeys(addresses))
+
+    async def run(store: SqliteStore) -> tuple[int, int]:
+        added = await store.add_spamtraps(unique, source, datetime.now(UTC))
+        return added, await store.count_spamtraps()
+
+    added, total = _with_store(config, run)
+    click.echo(
+        f"imported {_plural(added, 'new spamtrap')} from {file} ({total} listed)"
+    )
