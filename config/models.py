@@ -365,6 +365,8 @@ class ThresholdsConfig(_Section):
     def _check_window(cls, value: float) -> float:
         if not 3600 <= value <= 366 * 86400:
             raise ValueError("must be between 1h and 366d")
+        if value % 3600:
+            raise ValueError("must be a whole number of hours (counts are hourly)")
         return value
 
 

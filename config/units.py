@@ -109,7 +109,9 @@ def parse_percent(value: object) -> float:
         raise ValueError(f"{value!r} is not a percentage; write e.g. '8%' or '0.08%'")
     if not 0 <= percent <= 100:  # also refuses NaN
         raise ValueError("a percentage must be between 0% and 100%")
-    return percent / 100
+    # "1.4%" is 0.014, not 1.4 / 100 = 0.013999999999999999: 14 in 1000 must
+    # not count as above a 1.4% limit.
+    return round(percent / 100, 12)
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,10 +166,10 @@ class Reading:
         label = _LABELS[self.statistic]
         verb = "exceeds" if self.value > self.limit else "is within"
         if self.statistic in _RATES:
-            return (
-                f"{label} {_percent(self.value)} over {window_text(window_seconds)} "
-                f"{verb} {_percent(self.limit)}"
-            )
+            value, limit = _percent(self.value), _percent(self.limit)
+            if value == limit and self.value != self.limit:
+                value, limit = _percent(self.value, 3), _percent(self.limit, 3)
+            return f"{label} {value} over {window_text(window_seconds)} {verb} {limit}"
         span = (
             ""
             if self.statistic is Statistic.COMPLAINTS_PER_DAY
@@ -178,11 +178,11 @@ class Reading:
         return f"{label} {self.count}{span} {verb} {int(self.limit)}"
 
 
-def _percent(fraction: float) -> str:
+def _percent(fraction: float, decimals: int = 1) -> str:
     percent = fraction * 100
     if percent == 0 or percent >= 0.1:
-        return f"{percent:.1f}%"
-    return f"{percent:.2g}%"
+        return f"{percent:.{decimals}f}%"
+    return f"{percent:.{decimals + 1}g}%"
 
 
 def readings(totals: Totals, thresholds: ThresholdsConfig) -> list[Reading]:
@@ -233,7 +233,9 @@ def readings(totals: Totals, thresholds: ThresholdsConfig) -> list[Reading]:
             t.complaint_rate,
             totals.complaints,
             delivered,
-            totals.sent > t.complaint_min_volume and delivered > 0,
+            totals.sent > t.complaint_min_volume
+            and totals.sent >= t.min_volume
+            and delivered > 0,
             actions.complaint_rate,
             t.warn_at,
         ),
@@ -371,9 +373,9 @@ class Counters:
         entry.first_hour = max(
             self._now_hour - self._window_hours + 1, self._floors.get(account, 0)
         )
-        for hour in [
-            h for h in entry.buckets if h < self._now_hour - self._window_hours
-        ]:
+        # Complaints are judged over the last 24 hours even in a shorter window.
+        oldest = self._now_hour - max(self._window_hours, DAY_HOURS)
+        for hour in [h for h in entry.buckets if h < oldest]:
             del entry.buckets[hour]  # outside any window from now on
         totals: dict[EventKind, int] = {}
         for hour, counts in entry.buckets.items():
@@ -388,11 +390,16 @@ class Counters:
         if entry is None:
             return Totals()
         t = entry.totals
-        day_from = max(self._now_hour - DAY_HOURS + 1, entry.first_hour)
+        day_from = max(self._now_hour - DAY_HOURS + 1, self._floors.get(account, 0))
+        buckets = entry.buckets
         complaints_24h = sum(
+            buckets[hour].get(EventKind.COMPLAINT, 0)
+            for hour in range(day_from, self._now_hour + 1)
+            if hour in buckets
+        ) + sum(  # hours ahead of the clock (a skewed sender) count as now
             counts.get(EventKind.COMPLAINT, 0)
-            for hour, counts in entry.buckets.items()
-            if hour >= day_from
+            for hour, counts in buckets.items()
+            if hour > self._now_hour and hour >= day_from
         )
         return Totals(
             sent=t.get(EventKind.SENT, 0),

@@ -30,6 +30,7 @@ from config.models import RelayConfig, ThresholdsConfig
 from config.units import RateLimit
 from policies.reputation import (
     COUNTED_KINDS,
+    DAY_HOURS,
     SEVERITY,
     Counters,
     Judgement,
@@ -58,6 +59,8 @@ RECONCILE_SECONDS = 2.0
 """How often counts and states are read back from the store."""
 COUNTS_RELOAD_SECONDS = 30.0
 """How often the counters are rebuilt from the store (corrects any drift)."""
+PRUNE_SECONDS = 3600.0
+"""How often counts that left every window are deleted from the store."""
 RELAY = "relay"
 """``changed_by`` of the relay's own state changes."""
 
@@ -129,6 +132,7 @@ class Accounts:
         self._throttle_buckets: dict[str, TokenBucket] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._counts_loaded_at = 0.0
+        self._pruned_at = 0.0
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -146,6 +150,10 @@ class Accounts:
             try:
                 if time.monotonic() - self._counts_loaded_at >= COUNTS_RELOAD_SECONDS:
                     await self._load_counts()
+                if time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+                    self._pruned_at = time.monotonic()
+                    keep = max(self._counters.window_hours, DAY_HOURS) + 1
+                    await self._store.prune_counters(self._now_hour() - keep)
                 await self._load_standings()
             except StorageError as exc:
                 log.warning("account_state_reload_failed", error=str(exc))
@@ -189,7 +197,7 @@ class Accounts:
         """The thresholds in force."""
         return self._thresholds
 
-    # -- the SMTP handler's questions ---------------------------------------------
+    # -- the SMTP handler's questions ----------------------------------------------
 
     def mail_refusal(self, account: str) -> SmtpReply | None:
         """``550 5.7.1`` for a suspended account, else ``None``."""
@@ -237,7 +245,7 @@ class Accounts:
         """``address`` (canonical) is a spamtrap: one indexed lookup."""
         return await self._store.is_spamtrap(address)
 
-    # -- counting --------------------------------------------------------------------
+    # -- counting ------------------------------------------------------------------
 
     def recorded(self, events: Iterable[Event]) -> None:
         """Events the store has just recorded as new: count them, judge."""
@@ -277,7 +285,7 @@ class Accounts:
         for account in touched:
             self._judge(account)
 
-    # -- operators --------------------------------------------------------------------
+    # -- operators -----------------------------------------------------------------
 
     async def reinstate(self, account: str, reason: str, by: str) -> AccountStanding:
         """Back to ``ok``; rates count afresh from the next hour. Stored first."""
@@ -305,7 +313,7 @@ class Accounts:
         standing = self._standings.get(account)
         return standing.state if standing else AccountState.OK
 
-    # -- internals --------------------------------------------------------------------
+    # -- internals -----------------------------------------------------------------
 
     def _now(self) -> datetime:
         return self._clock.now()
@@ -318,7 +326,7 @@ class Accounts:
 
     async def _load_counts(self) -> None:
         now_hour = self._now_hour()
-        since = now_hour - self._counters.window_hours
+        since = now_hour - max(self._counters.window_hours, DAY_HOURS)
         buckets = await self._store.counter_buckets(since)
         self._counters.load(buckets, now_hour)
         for account, standing in self._standings.items():

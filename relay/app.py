@@ -24,9 +24,11 @@ from policies.content_categories import ContentCategories
 from policies.registry import pipeline_for
 from relay import __version__, replies
 from relay.accounts import Accounts
+from relay.admin_reputation import add_reputation_routes
 from relay.auth import Authenticator
 from relay.clock import Clock, SystemClock
 from relay.delivery import Delivery, DeliverySettings
+from relay.feedback import Feedback
 from relay.http import HttpListener
 from relay.list_unsubscribe import list_unsubscribe_for
 from relay.metrics import Metrics
@@ -34,6 +36,8 @@ from relay.policy_workers import PolicyWorkers, WorkerSetup
 from relay.queue import Queue
 from relay.smtp_handler import HandlerSettings, RelayHandler
 from relay.smtp_server import SmtpListener
+from relay.tokens import TokenSigner
+from relay.unsubscribe_http import add_unsubscribe_routes
 from storage.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
@@ -100,7 +104,14 @@ class Relay:
         )
         self.accounts = Accounts(config, self.store, self.clock, self.metrics)
         self.handler.accounts = self.accounts
-        self.queue.on_recorded = self.accounts.attempts_recorded
+        secret = config.feedback.secret
+        self.feedback = Feedback(
+            self.store,
+            self.accounts,
+            self.clock,
+            TokenSigner(secret.get_secret_value()) if secret is not None else None,
+        )
+        self.queue.on_recorded = self.feedback.attempts_recorded
         self.handler.pipeline = pipeline_for(
             config,
             self.handler.observe,
@@ -143,6 +154,15 @@ class Relay:
             admin_token=config.http.admin_token,
             clock=self.clock,
             accounts=frozenset(config.accounts),
+        )
+        add_unsubscribe_routes(self.http.app, self.feedback, self.metrics)
+        add_reputation_routes(
+            self.http.app,
+            self.feedback,
+            self.accounts,
+            frozenset(config.accounts),
+            self.clock,
+            self.metrics,
         )
         self.ready = False
         self.running = False
@@ -232,6 +252,7 @@ class Relay:
                 await self._tasks
             self._tasks = None
         await self.queue.drain_results()
+        await self.feedback.stop()
         await self.accounts.stop()
         await self.http.stop()
         if self.policy_workers is not None:

@@ -16,7 +16,14 @@ from typing import Any
 import click
 
 from config import RelayConfig
-from policies.reputation import Counters, Reading, hour_of, judge, readings
+from policies.reputation import (
+    DAY_HOURS,
+    Counters,
+    Reading,
+    hour_of,
+    judge,
+    readings,
+)
 from relay.accounts import reinstate_in_store
 from relay.cli import (
     _account_or_exit,
@@ -40,7 +47,9 @@ async def _snapshot(
 ) -> tuple[Counters, dict[str, AccountStanding], list[AccountStateChange]]:
     now_hour = hour_of(datetime.now(UTC).timestamp())
     counters = Counters(config.thresholds.window_seconds)
-    buckets = await store.counter_buckets(now_hour - counters.window_hours)
+    buckets = await store.counter_buckets(
+        now_hour - max(counters.window_hours, DAY_HOURS)
+    )
     counters.load(buckets, now_hour)
     standings = {s.account: s for s in await store.account_standings()}
     for account, standing in standings.items():

@@ -187,6 +187,13 @@ class Metrics:
             ["account", "kind"],
             registry=r,
         )
+        self.feedback_received_total = Counter(
+            "relay_feedback_received_total",
+            "Feedback taken in, by channel (one_click, page, api, dsn, arf, "
+            "mailto) and result (recorded, duplicate, invalid, unattributed, error).",
+            ["channel", "result"],
+            registry=r,
+        )
         self.policy_workers_ready = Gauge(
             "relay_policy_workers_ready",
             "Policy worker processes ready to check messages (0: checks run in "

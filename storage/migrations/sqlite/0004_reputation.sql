@@ -12,6 +12,11 @@ CREATE TABLE counter_buckets (
 ) WITHOUT ROWID;
 CREATE INDEX counter_buckets_hour ON counter_buckets (hour);
 
+-- Events recorded before this migration count too.
+INSERT INTO counter_buckets (account, hour, kind, count)
+SELECT account, CAST(occurred_at / 3600 AS INTEGER), kind, COUNT(*)
+FROM events WHERE account IS NOT NULL GROUP BY 1, 2, 3;
+
 CREATE TRIGGER events_count AFTER INSERT ON events
 WHEN NEW.account IS NOT NULL
 BEGIN
