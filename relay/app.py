@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
 
+from config import ConfigError, load_config
 from config.models import RelayConfig, split_listen
 from policies.base import MessageKind, Stage
 from policies.content_categories import ContentCategories
-from policies.registry import pipeline_for
+from policies.pipeline import Pipeline
+from policies.registry import PolicyConfigError, pipeline_for
 from relay import __version__, replies
 from relay.accounts import Accounts
 from relay.admin_reputation import add_reputation_routes
@@ -30,7 +33,7 @@ from relay.clock import Clock, SystemClock
 from relay.delivery import Delivery, DeliverySettings
 from relay.feedback import Feedback
 from relay.http import HttpListener
-from relay.list_unsubscribe import list_unsubscribe_for
+from relay.list_unsubscribe import ListUnsubscribe, list_unsubscribe_for
 from relay.metrics import Metrics
 from relay.policy_workers import PolicyWorkers, WorkerSetup
 from relay.queue import Queue
@@ -77,25 +80,16 @@ class Relay:
             self.metrics,
         )
         server = config.server
+        self.authenticator = Authenticator(
+            config.accounts,
+            clock=self.clock,
+            max_failures=server.auth_max_failures,
+            failure_window_seconds=server.auth_failure_window_seconds,
+            lockout_seconds=server.auth_lockout_seconds,
+        )
         self.handler = RelayHandler(
-            HandlerSettings(
-                hostname=server.hostname,
-                max_recipients=server.max_recipients,
-                max_message_size_bytes=server.max_message_size_bytes,
-                max_sessions=server.max_sessions,
-                default_categories={
-                    name: MessageKind(account.default_category)
-                    for name, account in config.accounts.items()
-                    if account.default_category is not None
-                },
-            ),
-            Authenticator(
-                config.accounts,
-                clock=self.clock,
-                max_failures=server.auth_max_failures,
-                failure_window_seconds=server.auth_failure_window_seconds,
-                lockout_seconds=server.auth_lockout_seconds,
-            ),
+            _handler_settings(config),
+            self.authenticator,
             self.queue,
             self.metrics,
             self.clock,
@@ -112,35 +106,13 @@ class Relay:
             TokenSigner(secret.get_secret_value()) if secret is not None else None,
         )
         self.queue.on_recorded = self.feedback.attempts_recorded
-        self.handler.pipeline = pipeline_for(
-            config,
-            self.handler.observe,
-            clock=self.clock,
-            suppressions=self.store,
-            consents=self.store,
-            base_dir=base_dir,
-        )
-        self.handler.list_unsubscribe = list_unsubscribe_for(
-            config, self.handler.pipeline
-        )
-        content = self.handler.pipeline.policy("content_categories")
-        if isinstance(content, ContentCategories):
-            content.on_warning = self.handler.spam_subject_warning
-        self.policy_workers: PolicyWorkers | None = None
-        workers = config.policies.worker_count
-        if workers and self.handler.pipeline.runs_at(Stage.DATA):
-            # They read the system clock, whatever ``clock`` is.
-            self.policy_workers = PolicyWorkers(
-                WorkerSetup(
-                    config, base_dir, Path(config.storage.sqlite_path), config.log.level
-                ),
-                self.handler.pipeline,
-                self.handler.observe,
-                self.metrics,
-                count=workers,
-                on_warning=self.handler.spam_subject_warning,
-            )
+        self.base_dir = base_dir
+        checks = self._checks(config)
+        self.handler.pipeline, self.handler.list_unsubscribe = checks
+        self.policy_workers = self._policy_workers(config, checks[0])
+        if self.policy_workers is not None:
             self.handler.data_checks = self.policy_workers.run
+        self._reloading = asyncio.Lock()
         smtp_host, smtp_port = split_listen(server.listen)
         self.smtp = SmtpListener(server, self.handler, smtp_host, smtp_port)
         http_host, http_port = split_listen(config.http.listen)
@@ -260,6 +232,91 @@ class Relay:
         await self.store.close()
         log.info("relay_stopped")
 
+    def _checks(self, config: RelayConfig) -> tuple[Pipeline, ListUnsubscribe | None]:
+        """The pipeline and List-Unsubscribe stamper ``config`` describes; raises
+        PolicyConfigError."""
+        pipeline = pipeline_for(
+            config,
+            self.handler.observe,
+            clock=self.clock,
+            suppressions=self.store,
+            consents=self.store,
+            base_dir=self.base_dir,
+        )
+        content = pipeline.policy("content_categories")
+        if isinstance(content, ContentCategories):
+            content.on_warning = self.handler.spam_subject_warning
+        return pipeline, list_unsubscribe_for(config, pipeline)
+
+    def _policy_workers(
+        self, config: RelayConfig, pipeline: Pipeline
+    ) -> PolicyWorkers | None:
+        workers = config.policies.worker_count
+        if not workers or not pipeline.runs_at(Stage.DATA):
+            return None
+        # They read the system clock, whatever ``clock`` is.
+        return PolicyWorkers(
+            WorkerSetup(
+                config,
+                self.base_dir,
+                Path(config.storage.sqlite_path),
+                config.log.level,
+            ),
+            pipeline,
+            self.handler.observe,
+            self.metrics,
+            count=workers,
+            on_warning=self.handler.spam_subject_warning,
+        )
+
+    async def reload(self, path: Path) -> bool:
+        """Re-read relay.toml at ``path`` and apply it without dropping anything.
+
+        Policies, thresholds, accounts (passwords, domains, rates, categories),
+        limits per message and the feedback secret change at once; a transaction
+        under way finishes with the checks it started with. Listen addresses,
+        TLS files, storage, upstream, queue and log settings need a restart: they
+        are logged as such. An unusable file is refused with its errors logged,
+        and the running configuration stays.
+        """
+        async with self._reloading:
+            problems: list[str] = []
+            try:
+                config = load_config(path)
+                checks = self._checks(config)
+            except (ConfigError, PolicyConfigError) as exc:
+                problems = [str(p) for p in exc.problems]
+            if problems:
+                self.metrics.reloads_total.labels("refused").inc()
+                log.error("reload_refused", path=str(path), problems=problems)
+                return False
+            workers = self._policy_workers(config, checks[0])
+            if workers is not None:
+                await workers.start()
+            old_workers, self.policy_workers = self.policy_workers, workers
+            self.handler.pipeline, self.handler.list_unsubscribe = checks
+            self.handler.data_checks = workers.run if workers is not None else None
+            self.handler.configure(_handler_settings(config))
+            self.authenticator.set_accounts(config.accounts)
+            self.accounts.configure(config)
+            secret = config.feedback.secret
+            self.feedback.set_signer(
+                TokenSigner(secret.get_secret_value()) if secret is not None else None
+            )
+            restart = _needs_restart(self.config, config)
+            self.config = config
+            if old_workers is not None:
+                await old_workers.close()
+            self.metrics.reloads_total.labels("applied").inc()
+            log.info(
+                "config_reloaded",
+                path=str(path),
+                accounts=len(config.accounts),
+                policies=list(checks[0].order),
+                needs_restart=restart or None,
+            )
+            return True
+
     async def refresh_metrics(self) -> None:
         """Update the queue gauges from the store (called at scrape time)."""
         stats = await self.store.stats()
@@ -272,6 +329,38 @@ class Relay:
         oldest = stats.oldest_received_at
         age = (self.clock.now() - oldest).total_seconds() if oldest else 0.0
         self.metrics.queue_oldest_message_age_seconds.set(max(0.0, age))
+
+
+def _handler_settings(config: RelayConfig) -> HandlerSettings:
+    server = config.server
+    return HandlerSettings(
+        hostname=server.hostname,
+        max_recipients=server.max_recipients,
+        max_message_size_bytes=server.max_message_size_bytes,
+        max_sessions=server.max_sessions,
+        default_categories={
+            name: MessageKind(account.default_category)
+            for name, account in config.accounts.items()
+            if account.default_category is not None
+        },
+    )
+
+
+_RESTART_ONLY = ("http", "storage", "upstream", "queue", "log")
+_SERVER_RESTART_ONLY = ("listen", "tls_cert", "tls_key", "require_tls")
+
+
+def _needs_restart(old: RelayConfig, new: RelayConfig) -> list[str]:
+    """The changed settings a reload cannot apply."""
+    changed = [
+        name for name in _RESTART_ONLY if getattr(old, name) != getattr(new, name)
+    ]
+    changed += [
+        f"server.{name}"
+        for name in _SERVER_RESTART_ONLY
+        if getattr(old.server, name, None) != getattr(new.server, name, None)
+    ]
+    return changed
 
 
 @contextlib.contextmanager
@@ -289,13 +378,39 @@ def stop_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def serve(config: RelayConfig, base_dir: Path | None = None) -> bool:
-    """Run the relay until SIGTERM or SIGINT, then drain; False if it failed."""
+def pid_file(config: RelayConfig) -> Path:
+    """Where ``relay serve`` writes its process id (``relay reload`` reads it)."""
+    return Path(config.storage.sqlite_path).with_suffix(".pid")
+
+
+async def serve(
+    config: RelayConfig, base_dir: Path | None = None, path: Path | None = None
+) -> bool:
+    """Run the relay until SIGTERM or SIGINT, then drain; False if it failed.
+    SIGHUP re-reads ``path`` (relay.toml)."""
     relay = Relay(config, base_dir=base_dir)
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        if path is None:
+            return
+        task = loop.create_task(relay.reload(path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    pid = pid_file(config)
     with stop_signals(relay.stop_requested):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             await relay.start()
+            with contextlib.suppress(OSError):
+                pid.write_text(f"{os.getpid()}\n")
             await relay.stop_requested.wait()
         finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            with contextlib.suppress(OSError):
+                if pid.read_text().strip() == str(os.getpid()):
+                    pid.unlink()
             await relay.shutdown()
     return not relay.failed

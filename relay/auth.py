@@ -64,6 +64,12 @@ class Authenticator:
         self._pending: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
         self._dummy_hash = _HASHER.hash(secrets.token_hex(16))
 
+    def set_accounts(self, accounts: Mapping[str, AccountConfig]) -> None:
+        """Use ``accounts`` from now on (a reload); cached logins are forgotten,
+        so a changed or removed password takes effect at the next AUTH."""
+        self._accounts = dict(accounts)
+        self._cache.clear()
+
     def lockout_remaining(self, client: str) -> float:
         """Seconds ``client`` must still wait before trying again (0 if not locked)."""
         entry = self._failures.get(client)

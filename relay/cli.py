@@ -108,8 +108,34 @@ def serve(config_path: str) -> None:
 
     configure_logging(config.log.level, config.log.format)
     base_dir = Path(config_path).resolve().parent
-    if not _run(lambda: run_relay(config, base_dir)):
+    if not _run(lambda: run_relay(config, base_dir, Path(config_path))):
         sys.exit(1)
+
+
+@main.command("reload")
+@config_option
+def reload_config(config_path: str) -> None:
+    """Make the running relay re-read relay.toml (the same as kill -HUP).
+
+    The file is checked here first: an unusable one is reported (exit 2) and the
+    relay is not disturbed. Thresholds, policies and accounts change without
+    dropping connections or queued mail; the relay logs config_reloaded, or
+    reload_refused with the errors. Exit 1 when no relay is running for this
+    file's storage.
+    """
+    import signal
+
+    from relay.app import pid_file
+
+    config = _load(config_path)
+    _pipeline(config, config_path, lambda _: None)
+    where = pid_file(config)
+    try:
+        pid = int(where.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        _fail(f"no running relay found (no live process in {where})", 1)
+    click.echo(f"{config_path}: ok; relay (pid {pid}) asked to reload")
 
 
 @main.command("check-config")

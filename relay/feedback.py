@@ -74,6 +74,10 @@ class Feedback:
         self._signer = signer
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def set_signer(self, signer: TokenSigner | None) -> None:
+        """Check tokens with a new secret from now on (a reload)."""
+        self._signer = signer
+
     @property
     def accepts_tokens(self) -> bool:
         """True when ``[feedback] secret`` is set (tokens can be checked)."""

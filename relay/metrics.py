@@ -194,6 +194,12 @@ class Metrics:
             ["channel", "result"],
             registry=r,
         )
+        self.reloads_total = Counter(
+            "relay_config_reloads_total",
+            "Reloads of relay.toml (SIGHUP, relay reload), applied or refused.",
+            ["result"],
+            registry=r,
+        )
         self.policy_workers_ready = Gauge(
             "relay_policy_workers_ready",
             "Policy worker processes ready to check messages (0: checks run in "

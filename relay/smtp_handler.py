@@ -299,6 +299,10 @@ class RelayHandler:
         except UnicodeDecodeError:
             return replies.AUTH_MALFORMED
 
+    def configure(self, settings: HandlerSettings) -> None:
+        """Use new settings from the next command on (a reload)."""
+        self._settings = settings
+
     async def handle_MAIL(  # noqa: N802
         self,
         server: RelaySMTP,
