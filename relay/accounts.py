@@ -293,6 +293,7 @@ class Accounts:
             self._store, account, reason, by, self._now()
         )
         self._adopt(standing)
+        await self._load_counts()  # the hour's earlier counts moved back
         return standing
 
     async def status(self, account: str, changes: int = 10) -> AccountStatus:
@@ -332,15 +333,21 @@ class Accounts:
         for account, standing in self._standings.items():
             if standing.judged_from is not None:
                 self._counters.start_after(
-                    account, hour_of(standing.judged_from.timestamp())
+                    account, hour_of(standing.judged_from.timestamp()) - 1
                 )
         self._counts_loaded_at = time.monotonic()
 
     async def _load_standings(self) -> None:
+        fresh_start = False
         for standing in await self._store.account_standings():
             known = self._standings.get(standing.account)
             if known is None or standing.changed_at > known.changed_at:
+                fresh_start |= standing.judged_from is not None and (
+                    known is None or known.judged_from != standing.judged_from
+                )
                 self._adopt(standing)
+        if fresh_start:  # a reinstatement elsewhere moved counts: read them again
+            await self._load_counts()
 
     def _adopt(self, standing: AccountStanding) -> None:
         old = self._standings.get(standing.account)
@@ -349,7 +356,7 @@ class Accounts:
             old is None or old.judged_from != standing.judged_from
         ):
             self._counters.start_after(
-                standing.account, hour_of(standing.judged_from.timestamp())
+                standing.account, hour_of(standing.judged_from.timestamp()) - 1
             )
         if standing.state is not AccountState.THROTTLED:
             self._throttle_buckets.pop(standing.account, None)
@@ -415,6 +422,8 @@ async def reinstate_in_store(
 ) -> AccountStanding:
     """Store a reinstatement (the CLI does this with the relay running or not)."""
     current = {s.account: s for s in await store.account_standings()}.get(account)
+    # Rates count from this hour on; what this hour counted so far moves back.
+    await store.close_hour(account, hour_of(now.timestamp()))
     standing = AccountStanding(
         account=account,
         state=AccountState.OK,

@@ -54,7 +54,7 @@ async def _snapshot(
     standings = {s.account: s for s in await store.account_standings()}
     for account, standing in standings.items():
         if standing.judged_from is not None:
-            counters.start_after(account, hour_of(standing.judged_from.timestamp()))
+            counters.start_after(account, hour_of(standing.judged_from.timestamp()) - 1)
     changes = (
         await store.account_state_changes(changes_of, _STATE_CHANGES)
         if changes_of

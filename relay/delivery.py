@@ -211,9 +211,9 @@ class Delivery:
         events: list[Event] = []
         failures: list[FailedRecipient] = []
         pending = 0
-        # Mail with the null sender is the relay's own (DSNs): it never counts
-        # against the account whose mail caused it.
-        counted = job.account if job.mail_from else None
+        # The relay's own DSNs carry no account: they never count against the
+        # account whose mail caused them. An account's own null-sender mail does.
+        counted = job.account
         counts: dict[str, int] = {}
         for out in outcomes:
             if out.outcome is Outcome.DELIVERED:

@@ -134,7 +134,8 @@ class Feedback:
             occurred_at=now,
             source=source,
             queue_id=reference or None,
-            dedup_key=f"unsubscribe:{account}:{recipient}:{reference}",
+            # One person leaving one account counts once, from whichever message.
+            dedup_key=f"unsubscribe:{account}:{recipient}",
         )
         new = await self._store.add_events([event])
         self._accounts.recorded(new)

@@ -41,6 +41,7 @@ from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
+from typing import TypeAlias
 
 from storage.addresses import AddressError, canonical_address
 
@@ -79,6 +80,7 @@ _MAX_NAME_CHARS = 255  # host names, user agents and such
 _MAX_LIST_ITEMS = 100  # repeated ARF fields (Reported-URI, Original-Rcpt-To...)
 _MAX_SKIPPED = 100
 _MAX_DETAIL_LINES = 30  # lines of one recipient entry in a plain-text bounce
+_MAX_LINE_CHARS = 2000  # of one line of a plain-text bounce
 _HEURISTIC_WINDOW = 5  # lines between an address and the reply that names it
 
 _PARSER = BytesParser(policy=email.policy.compat32)
@@ -95,6 +97,8 @@ _REPLY_CODE = re.compile(r"(?:^|[\s:(])([245][0-5]\d)(?=[ -]|$)")
 # RFC 6533 §3: EmbeddedUnicodeChar.
 _EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{2,6})\}")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# RFC 3464 §2.1.2: address-type and diagnostic-type are atoms before ";".
+_TYPED = re.compile(r"[ \t]*([A-Za-z0-9][A-Za-z0-9.+_-]*)[ \t]*;(.*)", re.DOTALL)
 _COMMENT = re.compile(r"\([^()]*\)")  # RFC 5322 §3.2.2, one level
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
@@ -110,6 +114,9 @@ _ORIGINAL_TYPES = frozenset(
     }
 )
 _ENCODED_TRANSFER = frozenset({"base64", "quoted-printable"})
+
+_Block: TypeAlias = list[tuple[str, str]]
+"""One group of report fields: (lower-case name, unfolded value) pairs."""
 
 
 class ReportErrorReason(StrEnum):
@@ -310,8 +317,8 @@ def is_recipient_hard_bounce(status: str | None, diagnostic: str | None = None) 
     5.1.3, 5.1.4,               ambiguous, moved without forwarding, null MX
     5.1.6, 5.1.10               (RFC 7505)
     5.2.1               True    mailbox disabled
-    5.1.0               True    other address status, unless the text blames
-                                the sender ("sender address rejected")
+    5.1.0               True    other address status, unless the text names
+                                the sender, a policy, spam or a quota
     5.0.0, 5.2.0        text    True only if the text says the mailbox does
                                 not exist ("user unknown", "no such user",
                                 "mailbox unavailable", "does not exist",
@@ -690,8 +697,6 @@ def _decode_words(value: str) -> str:
 
 # --- RFC 3464 --------------------------------------------------------------
 
-Block = list[tuple[str, str]]
-
 
 def _read_dsn(
     status_part: Message, original: OriginalHeaders | None, message_id: str | None
@@ -732,7 +737,7 @@ def _read_dsn(
 
 
 def _dsn_recipient(
-    block: Block, recipients: list[BounceRecipient], skipped: list[SkippedAddress]
+    block: _Block, recipients: list[BounceRecipient], skipped: list[SkippedAddress]
 ) -> None:
     """Read one per-recipient block (§2.3) into ``recipients`` or ``skipped``."""
     final = _first(block, "final-recipient")
@@ -772,12 +777,12 @@ def _dsn_recipient(
     )
 
 
-def _field_blocks(text: str) -> list[Block]:
+def _field_blocks(text: str) -> list[_Block]:
     """Split RFC 822-style field groups separated by blank lines (RFC 3464
     §2.1).  Names are lower case; values are unfolded (RFC 5322 §2.2.3) and
     capped; lines that are no field are ignored."""
-    blocks: list[Block] = []
-    current: Block = []
+    blocks: list[_Block] = []
+    current: _Block = []
     for line in _LINE_BREAK.split(text[:_MAX_PART_CHARS]):
         if not line.strip(" \t"):
             if current:
@@ -787,7 +792,7 @@ def _field_blocks(text: str) -> list[Block]:
                     return blocks
             continue
         if line[0] in " \t":
-            if current:
+            if current and len(current[-1][1]) < _MAX_FIELD_CHARS:
                 name, value = current[-1]
                 joined = f"{value} {line.strip()}" if value else line.strip()
                 current[-1] = (name, joined[:_MAX_FIELD_CHARS])
@@ -800,20 +805,26 @@ def _field_blocks(text: str) -> list[Block]:
     return blocks
 
 
-def _first(block: Block, name: str) -> str | None:
+def _first(block: _Block, name: str) -> str | None:
     return next((value for key, value in block if key == name), None)
 
 
-def _all(block: Block, name: str) -> list[str]:
+def _all(block: _Block, name: str) -> list[str]:
     return [value for key, value in block if key == name][:_MAX_LIST_ITEMS]
 
 
+def _split_type(value: str) -> tuple[str | None, str]:
+    """``(type, rest)`` of a typed field (RFC 3464 §2.1.2: ``atom ";" text``);
+    no type when what precedes the first ";" is no atom (``550 x; y``)."""
+    typed = _TYPED.match(value)
+    if typed is None:
+        return None, value.strip()
+    return typed[1].lower(), typed[2].strip()
+
+
 def _typed_value(value: str | None) -> str | None:
-    """The part after ``type;`` (RFC 3464 §2.1.2), or all of it without one."""
-    if value is None:
-        return None
-    kind, sep, rest = value.partition(";")
-    return rest.strip() if sep else kind.strip()
+    """The part after ``type;``, or all of the value without a type."""
+    return None if value is None else _split_type(value)[1]
 
 
 def _typed_name(value: str | None) -> str | None:
@@ -838,11 +849,7 @@ def _address_field(
     """
     if value is None:
         return None
-    kind, sep, address = value.partition(";")
-    if not sep:
-        kind, address = "rfc822", value
-    kind = kind.strip().lower()
-    address = address.strip()
+    kind, address = _split_type(value)
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
     if not address:
@@ -850,7 +857,7 @@ def _address_field(
     shown = _clean(address, _MAX_NAME_CHARS) or ""
     if kind == "utf-8":
         address = _unembed(address)
-    elif kind != "rfc822":
+    elif kind not in {None, "rfc822"}:
         skipped.append(SkippedAddress(field, shown, "unsupported address type"))
         return None
     try:
@@ -922,11 +929,15 @@ def _action_of(status: str | None) -> Action | None:
 
 # --- plain-text bounces ------------------------------------------------------
 
-_ADDRESS = r"[^\s<>()\[\]\"',;:@]+@[^\s<>()\[\]\"',;:@]+"
-# Lines after which a plain-text bounce quotes the returned message.
-_ORIGINAL_MARKER = re.compile(
-    r"(?im)^[ \t]*-{2,}.*\b(?:copy of the (?:message|original)|original message"
-    r"|undelivered message|below this line)\b.*$"
+# An address in free text.  It starts only after a delimiter and its parts are
+# bounded (RFC 5321 §4.5.3.1) and possessive, so a long token costs one pass.
+_ADDRESS_CHAR = r"[^\s<>()\[\]\"',;:@]"
+_ADDRESS = rf"(?<!{_ADDRESS_CHAR}){_ADDRESS_CHAR}{{1,64}}+@{_ADDRESS_CHAR}{{1,255}}+"
+# A line after which a plain-text bounce quotes the returned message.
+_MARKER_LINE = re.compile(r"(?m)^[ \t]*-{2,}[^\r\n]{0,300}")
+_MARKER_WORDS = re.compile(
+    r"(?i)\b(?:copy of the (?:message|original)|original message"
+    r"|undelivered message|below this line)\b"
 )
 _WARNING = re.compile(
     r"(?i)this is a warning only|will be retried|still being retried"
@@ -978,12 +989,12 @@ def _read_plain_text(
             ReportErrorReason.NOT_A_REPORT, "no delivery-status part and no text"
         )
     text = _part_text(explanation)[:_MAX_SCAN_CHARS]
-    marker = _ORIGINAL_MARKER.search(text)
-    body = text[: marker.start()] if marker else text
+    marker = _marker(text)
+    body = text[: marker[0]] if marker else text
     if original is None and marker is not None:
-        headers = _headers_of_text(text[marker.end() :].lstrip("\r\n -"))
+        headers = _headers_of_text(text[marker[1] :])
         original = _original_headers(headers) if headers.keys() else None
-    lines = _LINE_BREAK.split(body)
+    lines = [line[:_MAX_LINE_CHARS] for line in _LINE_BREAK.split(body)]
     recognised = False
     # Postfix and qmail say only in the text whether they gave up or will retry.
     action = Action.DELAYED if _WARNING.search(body) else Action.FAILED
@@ -1012,6 +1023,16 @@ def _read_plain_text(
     raise ReportError(
         ReportErrorReason.NOT_A_REPORT, "no delivery-status part and no known format"
     )
+
+
+def _marker(text: str) -> tuple[int, int] | None:
+    """Start and end of the line that introduces the returned message
+    ("------ This is a copy of the message", qmail's "--- Below this line")."""
+    for found in _MARKER_LINE.finditer(text):
+        if _MARKER_WORDS.search(found.group()[:_MAX_LINE_CHARS]):
+            end = text.find("\n", found.end())
+            return found.start(), len(text) if end < 0 else end + 1
+    return None
 
 
 def _plain_recipients(

@@ -16,7 +16,6 @@ account, recipient and message (:mod:`relay.list_unsubscribe`).
 from __future__ import annotations
 
 from html import escape
-from urllib.parse import parse_qs
 
 import structlog
 from aiohttp import web
@@ -112,15 +111,16 @@ class _Pages:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0
             )
-        raw = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(raw) > MAX_BODY_BYTES:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=MAX_BODY_BYTES, actual_size=len(raw)
-            )
-        form = parse_qs(raw.decode("utf-8", "replace"), max_num_fields=20)
-        one_click = form.get("List-Unsubscribe") == ["One-Click"]
+        # RFC 8058 section 3.1: providers send multipart/form-data or a
+        # url-encoded body; aiohttp reads both (and refuses oversized ones).
+        try:
+            form = await request.post()
+        except ValueError:
+            self._count("page", "invalid")
+            return web.Response(text="unreadable form\n", status=400, headers=_HEADERS)
+        one_click = form.get("List-Unsubscribe") == "One-Click"
         channel = "one_click" if one_click else "page"
-        if not one_click and form.get("confirm") != ["yes"]:
+        if not one_click and form.get("confirm") != "yes":
             self._count(channel, "invalid")
             return web.Response(
                 text="expected List-Unsubscribe=One-Click (RFC 8058) or the "
@@ -128,7 +128,8 @@ class _Pages:
                 status=400,
                 headers=_HEADERS,
             )
-        others, bad = _addresses(form.get("others", [""])[0])
+        typed = form.get("others", "")
+        others, bad = _addresses(typed if isinstance(typed, str) else "")
         try:
             done = await self._feedback.unsubscribe_token(
                 token, source=channel.replace("_", "-"), others=others

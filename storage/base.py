@@ -378,6 +378,11 @@ class CounterStore(Protocol):
         """Forget buckets older than ``before_hour``; returns how many."""
         ...
 
+    async def close_hour(self, account: str, hour: int) -> None:
+        """Move the account's counts of ``hour`` into the hour before (counts
+        from now on start a fresh bucket: a reinstatement)."""
+        ...
+
 
 class AccountStateStore(Protocol):
     """Account states and their audit trail."""

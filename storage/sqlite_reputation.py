@@ -98,6 +98,27 @@ class SqliteReputation:
         if buckets:
             await self._submit([count_row(bucket) for bucket in buckets])
 
+    async def close_hour(self, account: str, hour: int) -> None:
+        """Move ``account``'s counts of ``hour`` into the hour before, in one
+        transaction: a reinstatement judges from ``hour`` on, and what was counted
+        earlier in that hour belongs to the time before it."""
+
+        async def run(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO counter_buckets (account, hour, kind, count)"
+                " SELECT account, hour - 1, kind, count FROM counter_buckets"
+                " WHERE account = ? AND hour = ? AND true"
+                " ON CONFLICT (account, hour, kind)"
+                " DO UPDATE SET count = count + excluded.count",
+                (account, hour),
+            )
+            await db.execute(
+                "DELETE FROM counter_buckets WHERE account = ? AND hour = ?",
+                (account, hour),
+            )
+
+        await self._submit([], run)
+
     async def prune_counters(self, before_hour: int) -> int:
         """Forget buckets older than ``before_hour``."""
 

@@ -407,6 +407,29 @@ def test_status_derived_from_reply_code_and_original_recipient_used() -> None:
     assert parsed.recipients[0].is_recipient_hard_bounce
 
 
+def test_untyped_diagnostic_keeps_its_reply_code() -> None:
+    """No ``type;`` prefix: a ";" later in the text is no type separator."""
+    parsed = parse_bounce(
+        report(
+            "\n"
+            "Reporting-MTA: dns; mx.example.org\n"
+            "\n"
+            "Final-Recipient: <rosa@example.org>\n"
+            "Action: failed\n"
+            "Diagnostic-Code: 550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found\n"
+        )
+    )
+    assert parsed.recipients == (
+        BounceRecipient(
+            recipient="rosa@example.org",
+            action=Action.FAILED,
+            status="5.1.10",
+            smtp_code=550,
+            diagnostic="550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found",
+        ),
+    )
+
+
 def test_long_diagnostic_is_capped_and_cleaned() -> None:
     parsed = parse_bounce(
         report(
