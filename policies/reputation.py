@@ -30,7 +30,8 @@ bounced or expired at delivery); ``delivered`` is sent minus bounces. A value
 decides the state through ``[thresholds.actions]``: ``warn`` -> warning, ``throttle``
 -> throttled, ``suspend`` -> suspended. Warning and throttled follow the rates both
 ways; suspended stays until an operator reinstates the account, after which rates
-count only the hours after the reinstatement.
+count only what happened after the reinstatement (the store moves the counts of
+the reinstatement hour so far into the hour before: ``close_hour``).
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ class Accounts:
     # -- operators -----------------------------------------------------------------
 
     async def reinstate(self, account: str, reason: str, by: str) -> AccountStanding:
-        """Back to ``ok``; rates count afresh from the next hour. Stored first."""
+        """Back to ``ok``; rates count afresh from now. Stored first."""
         standing = await reinstate_in_store(
             self._store, account, reason, by, self._now()
         )

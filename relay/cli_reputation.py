@@ -238,7 +238,7 @@ def accounts_status(name: str, config_path: str, as_json: bool) -> None:
 def accounts_reinstate(
     name: str, reason: str, by: str | None, config_path: str
 ) -> None:
-    """Set the account back to ok; its rates count afresh from the next hour.
+    """Set the account back to ok; its rates count afresh from now on.
 
     A running relay applies it within seconds."""
     config = _load(config_path)
