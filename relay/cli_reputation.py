@@ -24,7 +24,8 @@ from policies.reputation import (
     judge,
     readings,
 )
-from relay.accounts import reinstate_in_store
+from relay.accounts import AccountStatus, reinstate_in_store
+from relay.admin_reputation import status_json
 from relay.cli import (
     _account_or_exit,
     _fail,
@@ -36,7 +37,7 @@ from relay.cli import (
     main,
 )
 from storage.addresses import AddressError, canonical_address
-from storage.base import AccountStanding, AccountState, AccountStateChange
+from storage.base import AccountStanding, AccountStateChange
 from storage.sqlite import SqliteStore
 
 _STATE_CHANGES = 5
@@ -63,20 +64,6 @@ async def _snapshot(
     return counters, standings, changes
 
 
-def _reading_json(reading: Reading) -> dict[str, Any]:
-    return {
-        "statistic": reading.statistic.value,
-        "value": reading.value,
-        "threshold": reading.limit,
-        "ratio": None if reading.ratio == float("inf") else round(reading.ratio, 4),
-        "count": reading.count,
-        "base": reading.base,
-        "judged": reading.judged,
-        "breached": reading.breached,
-        "action": reading.action.value,
-    }
-
-
 def _value(reading: Reading, value: float) -> str:
     if reading.base or reading.statistic.value.endswith("_rate"):
         return f"{value * 100:.2f}%"
@@ -90,40 +77,18 @@ def _status_json(
     standing: AccountStanding | None,
     changes: list[AccountStateChange],
 ) -> dict[str, Any]:
+    """The same JSON as ``GET /api/accounts/NAME``."""
     totals = counters.totals(account)
-    found = readings(totals, config.thresholds)
-    judgement = judge(found)
-    return {
-        "account": account,
-        "state": (standing.state if standing else AccountState.OK).value,
-        "reason": standing.reason if standing else None,
-        "since": standing.changed_at.isoformat() if standing else None,
-        "changed_by": standing.changed_by if standing else None,
-        "rates_call_for": judgement.state.value,
-        "window": config.thresholds.window_seconds,
-        "counts": {
-            "sent": totals.sent,
-            "delivered": totals.delivered,
-            "bounces": totals.bounces,
-            "blocks": totals.blocks,
-            "unsubscribes": totals.unsubscribes,
-            "complaints": totals.complaints,
-            "complaints_24h": totals.complaints_24h,
-            "clicks": totals.clicks,
-            "spamtrap_hits": totals.spamtrap_hits,
-        },
-        "rates": [_reading_json(r) for r in found],
-        "changes": [
-            {
-                "at": c.changed_at.isoformat(),
-                "from": c.old_state.value,
-                "to": c.new_state.value,
-                "by": c.changed_by,
-                "reason": c.reason,
-            }
-            for c in changes
-        ],
-    }
+    return status_json(
+        AccountStatus(
+            account=account,
+            standing=standing,
+            judgement=judge(readings(totals, config.thresholds)),
+            totals=totals,
+            window_seconds=config.thresholds.window_seconds,
+            changes=tuple(changes),
+        )
+    )
 
 
 @main.group(invoke_without_command=True)
