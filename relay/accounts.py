@@ -249,9 +249,33 @@ class Accounts:
 
     def recorded(self, events: Iterable[Event]) -> None:
         """Events the store has just recorded as new: count them, judge."""
+        self._counters.advance(self._now_hour())
+        for account in self._count(events):
+            self._judge(account)
+
+    def attempts_recorded(self, records: Sequence[AttemptRecord]) -> None:
+        """Delivery attempts the store has just committed: sent counts, bounces;
+        each account touched is judged once."""
+        self._counters.advance(self._now_hour())
+        touched = self._count(event for record in records for event in record.events)
+        for record in records:
+            if record.account is not None and record.sent:
+                self._counters.add(
+                    record.account,
+                    EventKind.SENT,
+                    hour_of(record.attempted_at.timestamp()),
+                    record.sent,
+                )
+                self._metrics.feedback_events_total.labels(
+                    record.account, EventKind.SENT.value
+                ).inc(record.sent)
+                touched.add(record.account)
+        for account in touched:
+            self._judge(account)
+
+    def _count(self, events: Iterable[Event]) -> set[str]:
+        """Add ``events`` to the counters; the accounts they concern."""
         touched: set[str] = set()
-        now_hour = self._now_hour()
-        self._counters.advance(now_hour)
         for event in events:
             if event.account is None or event.kind not in COUNTED_KINDS:
                 continue
@@ -262,28 +286,7 @@ class Accounts:
                 event.account, event.kind.value
             ).inc()
             touched.add(event.account)
-        for account in touched:
-            self._judge(account)
-
-    def attempts_recorded(self, records: Sequence[AttemptRecord]) -> None:
-        """Delivery attempts the store has just committed: sent counts, bounces."""
-        now_hour = self._now_hour()
-        self._counters.advance(now_hour)
-        touched: set[str] = set()
-        for record in records:
-            if record.account is None:
-                continue
-            if record.sent:
-                self._counters.add(
-                    record.account,
-                    EventKind.SENT,
-                    hour_of(record.attempted_at.timestamp()),
-                    record.sent,
-                )
-                touched.add(record.account)
-        self.recorded(event for record in records for event in record.events)
-        for account in touched:
-            self._judge(account)
+        return touched
 
     # -- operators -----------------------------------------------------------------
 
