@@ -276,13 +276,32 @@ class QueueConfig(_Section):
         return value
 
 
+def _mailbox(value: str) -> str:
+    """``value`` if it is an ASCII address like ``name@host.example``, lower-cased
+    in its domain; raise ValueError otherwise."""
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not value.isascii() or not _HOSTNAME.match(domain):
+        raise ValueError(f"{value!r} is not an address like abuse@relay.example")
+    return f"{local}@{domain.lower()}"
+
+
 class FeedbackConfig(_Section):
     """``[feedback]``: how feedback reaches the relay, and the key that signs it."""
 
     secret: SecretStr | None = None
-    """Signs the tokens of unsubscribe links (HMAC-SHA256); at least 32 characters."""
+    """Signs the tokens of unsubscribe links, VERP addresses and X-Relay-Id
+    (HMAC-SHA256); at least 32 characters."""
     unsubscribe_mailto: str | None = None
-    """Address for the mailto form of List-Unsubscribe (optional)."""
+    """Address for the mailto form of List-Unsubscribe (optional); mail to it with
+    the subject ``unsubscribe <token>`` unsubscribes."""
+    bounce_domain: str | None = None
+    """VERP: the envelope sender given to the upstream becomes
+    ``<local>+<token>@<bounce_domain>``, and bounces to that domain are read."""
+    fbl_address: str | None = None
+    """Where mailbox providers send abuse reports (ARF, RFC 5965)."""
+    intake_rate: Rate = RateLimit(600, 60.0)
+    """Feedback messages accepted per client IP address (``"600/m"``); above it
+    ``451 4.7.1``, and the sender retries later."""
 
     @field_validator("secret")
     @classmethod
@@ -294,21 +313,46 @@ class FeedbackConfig(_Section):
             )
         return value
 
-    @field_validator("unsubscribe_mailto")
+    @field_validator("unsubscribe_mailto", "fbl_address")
     @classmethod
     def _check_mailto(cls, value: str | None) -> str | None:
+        return None if value is None else _mailbox(value)
+
+    @field_validator("bounce_domain")
+    @classmethod
+    def _check_bounce_domain(cls, value: str | None) -> str | None:
         if value is not None:
-            local, at, domain = value.rpartition("@")
-            if (
-                not at
-                or not local
-                or not value.isascii()
-                or not _HOSTNAME.match(domain)
-            ):
+            value = value.rstrip(".").lower()
+            if not _HOSTNAME.match(value) or "." not in value:
                 raise ValueError(
-                    f"{value!r} is not an address like unsubscribe@relay.example"
+                    f"{value!r} is not a domain like bounces.relay.example"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _needs_secret(self) -> FeedbackConfig:
+        for name in ("bounce_domain", "fbl_address", "unsubscribe_mailto"):
+            if getattr(self, name) is not None and self.secret is None:
+                raise ValueError(
+                    f"{name} needs [feedback] secret (it signs the tokens that "
+                    "attribute feedback)"
+                )
+        return self
+
+    @property
+    def intake(self) -> bool:
+        """True if mail may arrive for the relay itself (bounces, reports,
+        mailto unsubscribes): MAIL without AUTH is then allowed for them."""
+        return (
+            self.bounce_domain is not None
+            or self.fbl_address is not None
+            or self.unsubscribe_mailto is not None
+        )
+
+    @property
+    def tracks(self) -> bool:
+        """True if outgoing mail carries VERP and X-Relay-Id."""
+        return self.bounce_domain is not None or self.fbl_address is not None
 
 
 class BreachAction(StrEnum):

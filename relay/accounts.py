@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -42,6 +42,7 @@ from policies.reputation import (
 from relay.clock import Clock
 from relay.metrics import Metrics
 from relay.replies import SmtpReply
+from relay.tracking import MAX_AGE_DAYS
 from storage.base import (
     AccountStanding,
     AccountState,
@@ -154,6 +155,12 @@ class Accounts:
                     self._pruned_at = time.monotonic()
                     keep = max(self._counters.window_hours, DAY_HOURS) + 1
                     await self._store.prune_counters(self._now_hour() - keep)
+                    # Feedback is traced for the window, and at least as long
+                    # as a tracking token is honoured.
+                    traced = max(keep * 3600, MAX_AGE_DAYS * 86400)
+                    await self._store.prune_sent_messages(
+                        self._now() - timedelta(seconds=traced)
+                    )
                 await self._load_standings()
             except StorageError as exc:
                 log.warning("account_state_reload_failed", error=str(exc))

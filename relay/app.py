@@ -32,6 +32,7 @@ from relay.auth import Authenticator
 from relay.clock import Clock, SystemClock
 from relay.delivery import Delivery, DeliverySettings
 from relay.feedback import Feedback
+from relay.feedback_mail import FeedbackMail
 from relay.http import HttpListener
 from relay.list_unsubscribe import ListUnsubscribe, list_unsubscribe_for
 from relay.metrics import Metrics
@@ -106,6 +107,16 @@ class Relay:
             TokenSigner(secret.get_secret_value()) if secret is not None else None,
         )
         self.queue.on_recorded = self.feedback.attempts_recorded
+        self.feedback_mail = FeedbackMail(
+            config.feedback,
+            self.feedback,
+            self.store,
+            lambda: self.config.accounts,
+            self.clock,
+            self.metrics,
+        )
+        self.handler.feedback_mail = self.feedback_mail
+        self.delivery.tracker = self.feedback_mail.tracker
         self.base_dir = base_dir
         checks = self._checks(config)
         self.handler.pipeline, self.handler.list_unsubscribe = checks
@@ -303,6 +314,8 @@ class Relay:
             self.feedback.set_signer(
                 TokenSigner(secret.get_secret_value()) if secret is not None else None
             )
+            self.feedback_mail.configure(config.feedback)
+            self.delivery.tracker = self.feedback_mail.tracker
             restart = _needs_restart(self.config, config)
             self.config = config
             if old_workers is not None:

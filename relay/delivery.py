@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -23,6 +23,7 @@ from relay.errors import TemporaryError
 from relay.metrics import Metrics
 from relay.queue import Job, Queue
 from relay.retry import next_attempt
+from relay.tracking import Tracker, trackable
 from relay.upstream import Outcome, RecipientOutcome, UpstreamConnection
 from storage.addresses import domain_of
 from storage.base import (
@@ -38,6 +39,9 @@ from storage.base import (
 from storage.errors import StorageError
 
 log = structlog.get_logger(__name__)
+
+_UNREACHABLE = "4.4.1"
+_FAULT = "4.3.0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,9 @@ class Delivery:
         self._all_idle = asyncio.Event()
         self._all_idle.set()
         self._idle_timeout = settings.upstream.idle_timeout_seconds
+        self.tracker: Tracker | None = None
+        """Set when ``[feedback] bounce_domain`` is: an account's mail leaves with
+        a VERP envelope sender, one upstream transaction per recipient."""
 
     @property
     def busy(self) -> int:
@@ -146,25 +153,33 @@ class Delivery:
                 return
         started = time.monotonic()
         attempt = job.attempts + 1
-        try:
-            outcomes = await connection.send(
-                job.mail_from, job.recipients, content, smtputf8=job.smtputf8
-            )
-        except TemporaryError as exc:
-            outcomes = [
-                RecipientOutcome(rcpt, Outcome.TEMPORARY, None, "4.4.1", str(exc))
-                for rcpt in job.recipients
-            ]
-        except Exception:
-            # Counted as an attempt so that the schedule and the expiry still apply.
-            log.exception("delivery_fault", queue_id=job.queue_id)
-            await connection.close()
-            outcomes = [
-                RecipientOutcome(
-                    rcpt, Outcome.TEMPORARY, None, "4.3.0", "internal error"
+        tracker = self.tracker
+        if (
+            tracker is not None
+            and tracker.bounce_domain is not None
+            and job.account is not None
+            and job.mail_from
+            and trackable(job.queue_id)
+        ):
+            today = self._clock.now().date()
+            outcomes = []
+            for index, rcpt in enumerate(job.recipients):
+                sender = tracker.return_path(
+                    job.mail_from, job.queue_id, job.account, rcpt, today
                 )
-                for rcpt in job.recipients
-            ]
+                sent = await self._send(connection, job, sender, (rcpt,), content)
+                outcomes.extend(sent)
+                if sent[0].code is None and sent[0].status in (_UNREACHABLE, _FAULT):
+                    # No connection: the others would fare the same now.
+                    outcomes.extend(
+                        replace(sent[0], address=other)
+                        for other in job.recipients[index + 1 :]
+                    )
+                    break
+        else:
+            outcomes = await self._send(
+                connection, job, job.mail_from, job.recipients, content
+            )
         duration = time.monotonic() - started
         self._metrics.delivery_duration_seconds.observe(duration)
         record, result = self._judge(job, outcomes, content, attempt)
@@ -194,6 +209,36 @@ class Delivery:
                 else None
             ),
         )
+
+    async def _send(
+        self,
+        connection: UpstreamConnection,
+        job: Job,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+    ) -> list[RecipientOutcome]:
+        """One upstream transaction; a failure to connect or a fault is a
+        temporary outcome for each recipient."""
+        try:
+            return await connection.send(
+                sender, recipients, content, smtputf8=job.smtputf8
+            )
+        except TemporaryError as exc:
+            return [
+                RecipientOutcome(rcpt, Outcome.TEMPORARY, None, _UNREACHABLE, str(exc))
+                for rcpt in recipients
+            ]
+        except Exception:
+            # Counted as an attempt so that the schedule and the expiry still apply.
+            log.exception("delivery_fault", queue_id=job.queue_id)
+            await connection.close()
+            return [
+                RecipientOutcome(
+                    rcpt, Outcome.TEMPORARY, None, _FAULT, "internal error"
+                )
+                for rcpt in recipients
+            ]
 
     def _judge(
         self,

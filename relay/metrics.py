@@ -190,7 +190,8 @@ class Metrics:
         self.feedback_received_total = Counter(
             "relay_feedback_received_total",
             "Feedback taken in, by channel (one_click, page, api, dsn, arf, "
-            "mailto) and result (recorded, duplicate, invalid, unattributed, error).",
+            "mailto, smtp) and result (recorded, duplicate, ignored, invalid, "
+            "unattributed, refused, error).",
             ["channel", "result"],
             registry=r,
         )

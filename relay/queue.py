@@ -121,8 +121,11 @@ class Queue:
         content: bytes,
         smtputf8: bool,
         queue_id: str | None = None,
+        tracked: bool = False,
+        message_id: str | None = None,
     ) -> NewMessage:
-        """A message record stamped with an id, arrival and expiry."""
+        """A message record stamped with an id, arrival and expiry; ``tracked``
+        keeps the row that traces feedback back to it (:mod:`relay.tracking`)."""
         now = self._clock.now()
         return NewMessage(
             queue_id=queue_id or new_queue_id(),
@@ -133,6 +136,8 @@ class Queue:
             received_at=now,
             expires_at=now + timedelta(seconds=self._config.max_lifetime_seconds),
             smtputf8=smtputf8,
+            tracked=tracked,
+            message_id=message_id,
         )
 
     def new_dsn(

@@ -51,6 +51,12 @@ RELAY_DENIED = SmtpReply(
     554, "5.7.1", "Relay access denied: authenticate with AUTH to send mail"
 )
 TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "Too many recipients for one message")
+SEPARATE_FEEDBACK = SmtpReply(
+    452,
+    "4.5.3",
+    "Feedback for the relay and other mail go in separate transactions; "
+    "send this recipient again in a new one",
+)
 TOO_LARGE = SmtpReply(
     552, "5.3.4", "Message size exceeds the fixed maximum message size"
 )

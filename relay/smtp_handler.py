@@ -37,11 +37,13 @@ from relay.accounts import Accounts
 from relay.auth import Authenticator
 from relay.clock import Clock
 from relay.dsn import FailedRecipient
+from relay.feedback_mail import Channel, FeedbackMail
 from relay.list_unsubscribe import ListUnsubscribe
 from relay.message import MessageView
 from relay.metrics import Metrics
 from relay.queue import Queue, new_queue_id
 from relay.replies import SmtpReply
+from relay.tracking import message_id_key
 from storage.addresses import AddressError, canonical_address, domain_of
 from storage.base import Event, EventKind, EventStore, NewMessage
 from storage.errors import StorageError, StorageFullError, StorageUnavailableError
@@ -57,6 +59,8 @@ _NULL_SENDER = "<>"
 PASSED = StageResult(PASS)
 _MAX_LINE = 998
 _CORE = "smtp"
+_MAX_FEEDBACK_RECIPIENTS = 10
+"""Feedback addresses one transaction may name (a report concerns one message)."""
 _COPIES_BUDGET = 4
 """Per-recipient copies may total this many times the size limit."""
 
@@ -75,6 +79,8 @@ class Transaction:
     txn_id: str = field(default_factory=lambda: secrets.token_hex(6))
     notes: dict[str, Any] = field(default_factory=dict)
     """The checks' per-transaction notes (``PolicyContext.notes``)."""
+    channel: Channel | None = None
+    """Set when the transaction carries feedback for the relay itself."""
 
 
 class RelaySession(Session):
@@ -137,6 +143,10 @@ class RelayHandler:
         ] = {}
         self.accounts: Accounts | None = None
         """Account states and sending limits (the running relay sets it)."""
+        self.feedback_mail: FeedbackMail | None = None
+        """Takes bounces, abuse reports and mailto unsubscribes (also without
+        AUTH) when ``[feedback]`` names their addresses; its tracker stamps
+        outgoing mail with ``X-Relay-Id`` and keeps the rows that trace it."""
         self.list_unsubscribe: ListUnsubscribe | None = None
         """Set when ``[policies.optout_link] list_unsubscribe = "add"``: marketing
         mail without the header gets the relay's own, one copy per recipient."""
@@ -311,7 +321,8 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        """Start a transaction: authenticated accounts only, never while draining."""
+        """Start a transaction: authenticated accounts, or (without AUTH) feedback
+        for the relay itself; never while draining."""
         ref = session.session_id
         account = session.account or "-"
         if self.draining:
@@ -319,8 +330,14 @@ class RelayHandler:
             self._refuse_message(account, "draining", replies.SHUTTING_DOWN)
             return replies.SHUTTING_DOWN.render(ref)
         if session.account is None:
-            self._refuse_message(account, "auth_required", replies.AUTH_REQUIRED)
-            return replies.AUTH_REQUIRED.render(ref)
+            intake = self.feedback_mail
+            if intake is None or not intake.enabled:
+                self._refuse_message(account, "auth_required", replies.AUTH_REQUIRED)
+                return replies.AUTH_REQUIRED.render(ref)
+            busy = intake.admit(session.peer_ip)
+            if busy is not None:
+                self._refuse_message(account, "feedback_rate", busy)
+                return busy.render(ref)
         if address == _NULL_SENDER:
             sender = ""
         else:
@@ -336,7 +353,7 @@ class RelayHandler:
                 )
                 self._refuse_message(account, "smtputf8_required", reply)
                 return reply.render(ref)
-        if self.accounts is not None:
+        if self.accounts is not None and session.account is not None:
             suspended = self.accounts.mail_refusal(session.account)
             if suspended is not None:
                 self._refuse_message(account, "account_suspended", suspended)
@@ -385,9 +402,17 @@ class RelayHandler:
                 553, "5.6.7", "Non-ASCII recipient address needs SMTPUTF8"
             )
             return self._refuse_rcpt(txn, account, "smtputf8_required", reply, ref)
+        intake = self.feedback_mail
+        channel = intake.channel_for(rcpt) if intake is not None else None
+        if channel is not None:
+            return self._feedback_rcpt(txn, envelope, account, rcpt, channel, ref)
         if session.account is None:
             return self._refuse_rcpt(
                 txn, account, "relay_denied", replies.RELAY_DENIED, ref
+            )
+        if txn.channel is not None:
+            return self._refuse_rcpt(
+                txn, account, "mixed_feedback", replies.SEPARATE_FEEDBACK, ref
             )
         if rcpt in txn.recipients:
             return replies.RECIPIENT_OK.render()
@@ -456,6 +481,31 @@ class RelayHandler:
         log.debug("recipient_accepted", rcpt_domain=domain_of(rcpt))
         return replies.RECIPIENT_OK.render()
 
+    def _feedback_rcpt(
+        self,
+        txn: Transaction,
+        envelope: Envelope,
+        account: str,
+        rcpt: str,
+        channel: Channel,
+        ref: str,
+    ) -> str:
+        """A feedback address: no account, limit or policy applies to it."""
+        if txn.recipients and txn.channel is not channel:
+            return self._refuse_rcpt(
+                txn, account, "mixed_feedback", replies.SEPARATE_FEEDBACK, ref
+            )
+        if rcpt in txn.recipients:
+            return replies.RECIPIENT_OK.render()
+        if len(txn.recipients) >= _MAX_FEEDBACK_RECIPIENTS:
+            return self._refuse_rcpt(
+                txn, account, "too_many_recipients", replies.TOO_MANY_RECIPIENTS, ref
+            )
+        txn.channel = channel
+        txn.recipients.append(rcpt)
+        envelope.rcpt_tos.append(rcpt)
+        return replies.RECIPIENT_OK.render()
+
     async def handle_DATA(  # noqa: N802
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope
     ) -> str:
@@ -464,6 +514,10 @@ class RelayHandler:
         ref = session.session_id
         txn = session.transaction
         account = session.account
+        if txn is not None and txn.channel is not None and self.feedback_mail:
+            return await self._feedback_data(
+                session, txn, txn.channel, self.feedback_mail, envelope
+            )
         if txn is None or account is None:  # pragma: no cover - guarded by MAIL
             return replies.INTERNAL_ERROR.render(ref)
         content: bytes = envelope.original_content or b""
@@ -517,6 +571,26 @@ class RelayHandler:
             return reply.render(ref)
         return await self._accept(session, server, txn, view, content, dropped, started)
 
+    async def _feedback_data(
+        self,
+        session: RelaySession,
+        txn: Transaction,
+        channel: Channel,
+        intake: FeedbackMail,
+        envelope: Envelope,
+    ) -> str:
+        """Feedback for the relay itself: read and recorded (or kept) before the
+        reply, so a 250 means it is durable."""
+        content: bytes = envelope.original_content or b""
+        reply = await intake.receive(
+            channel, txn.mail_from, tuple(txn.recipients), content
+        )
+        outcome = "accepted" if reply.code < 400 else "refused"
+        self._end_transaction(
+            session, outcome, reply, size=len(content), reason=channel.value
+        )
+        return reply.render(session.session_id)
+
     async def _accept(
         self,
         session: RelaySession,
@@ -543,7 +617,7 @@ class RelayHandler:
             )
             return reply.render(session.session_id)
         messages = self._copies(
-            session, server, txn, stamper, content, base_id, recipients
+            session, server, txn, view, stamper, content, base_id, recipients
         )
         events: list[Event] = []
         if dropped:
@@ -613,6 +687,7 @@ class RelayHandler:
         session: RelaySession,
         server: RelaySMTP,
         txn: Transaction,
+        view: MessageView,
         stamper: ListUnsubscribe | None,
         content: bytes,
         base_id: str,
@@ -621,35 +696,39 @@ class RelayHandler:
         """The message as queued: one copy, or one per recipient when ``stamper``
         adds the relay's own List-Unsubscribe (its token names the recipient)."""
         account = session.account or "-"
-        if stamper is None:
-            return [
-                self._queue.new_message(
-                    account=account,
-                    mail_from=txn.mail_from,
-                    recipients=recipients,
-                    content=self._received_header(session, server, base_id, txn)
-                    + content,
-                    smtputf8=txn.smtputf8,
-                    queue_id=base_id,
-                )
-            ]
         today = self._clock.now().date()
-        copies = []
-        for index, rcpt in enumerate(recipients):
-            queue_id = base_id if index == 0 else f"{base_id}.{index + 1}"
-            copies.append(
-                self._queue.new_message(
-                    account=account,
-                    mail_from=txn.mail_from,
-                    recipients=(rcpt,),
-                    content=self._received_header(session, server, queue_id, txn)
-                    + stamper.headers(account, rcpt, base_id, today)
-                    + content,
-                    smtputf8=txn.smtputf8,
-                    queue_id=queue_id,
-                )
+        intake = self.feedback_mail
+        tracker = intake.tracker if intake is not None else None
+        message_id = (
+            message_id_key(view.header("Message-ID")) if tracker is not None else None
+        )
+
+        def copy(queue_id: str, rcpts: tuple[str, ...], extra: bytes) -> NewMessage:
+            if tracker is not None:
+                extra += tracker.header(queue_id, account, today)
+            return self._queue.new_message(
+                account=account,
+                mail_from=txn.mail_from,
+                recipients=rcpts,
+                content=self._received_header(session, server, queue_id, txn)
+                + extra
+                + content,
+                smtputf8=txn.smtputf8,
+                queue_id=queue_id,
+                tracked=tracker is not None,
+                message_id=message_id,
             )
-        return copies
+
+        if stamper is None:
+            return [copy(base_id, recipients, b"")]
+        return [
+            copy(
+                base_id if index == 0 else f"{base_id}.{index + 1}",
+                (rcpt,),
+                stamper.headers(account, rcpt, base_id, today),
+            )
+            for index, rcpt in enumerate(recipients)
+        ]
 
     def _stamps(self, txn: Transaction, view: MessageView) -> bool:
         """True if the relay adds its own List-Unsubscribe to this message."""

@@ -161,11 +161,40 @@ class NewMessage:
     received_at: datetime
     expires_at: datetime
     smtputf8: bool = False
+    tracked: bool = False
+    """Keep a :class:`SentMessage` row, so feedback can be traced back to it."""
+    message_id: str | None = None
+    """The Message-ID header (``<...>``), kept with the tracking row."""
 
     @property
     def generated(self) -> bool:
         """True for mail the relay wrote itself (it counts against no account)."""
         return self.account is None
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """What the relay keeps of an account's message to trace feedback back to it
+    (VERP tokens, ``X-Relay-Id``, Message-ID), for the reputation window."""
+
+    queue_id: str
+    account: str
+    message_id: str | None
+    recipients: tuple[str, ...]
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeptFeedback:
+    """Feedback mail the relay could not read or attribute, kept for inspection."""
+
+    id: int
+    received_at: datetime
+    kind: str
+    reason: str
+    mail_from: str
+    recipient: str
+    size_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +413,48 @@ class CounterStore(Protocol):
         ...
 
 
+class FeedbackStore(Protocol):
+    """What traces feedback to its mail, and feedback kept for inspection."""
+
+    async def sent_message(self, queue_id: str) -> SentMessage | None:
+        """The tracking row of ``queue_id`` (one primary-key lookup)."""
+        ...
+
+    async def sent_messages_with_id(self, message_id: str) -> list[SentMessage]:
+        """The tracking rows whose Message-ID is ``message_id`` (indexed)."""
+        ...
+
+    async def prune_sent_messages(self, before: datetime) -> int:
+        """Forget tracking rows received before ``before``; returns how many."""
+        ...
+
+    async def keep_unattributed(
+        self,
+        *,
+        kind: str,
+        reason: str,
+        mail_from: str,
+        recipient: str,
+        content: bytes,
+        now: datetime,
+    ) -> int:
+        """Keep feedback mail the relay could not read or attribute (the oldest
+        beyond the newest MAX_KEPT_FEEDBACK go); returns its id."""
+        ...
+
+    async def unattributed(self, limit: int = 100) -> list[KeptFeedback]:
+        """Kept feedback, newest first."""
+        ...
+
+    async def unattributed_content(self, feedback_id: int) -> bytes | None:
+        """The mail as received, or ``None`` if there is no such id."""
+        ...
+
+    async def unattributed_count(self) -> int:
+        """How many pieces of feedback are kept."""
+        ...
+
+
 class AccountStateStore(Protocol):
     """Account states and their audit trail."""
 
@@ -497,6 +568,7 @@ class Store(
     CounterStore,
     AccountStateStore,
     SpamtrapStore,
+    FeedbackStore,
     SuppressionStore,
     ConsentStore,
     Protocol,
@@ -533,6 +605,8 @@ __all__: Sequence[str] = [
     "Event",
     "EventKind",
     "EventStore",
+    "FeedbackStore",
+    "KeptFeedback",
     "NewMessage",
     "OptInType",
     "QueueStats",
@@ -540,6 +614,7 @@ __all__: Sequence[str] = [
     "QueuedMessage",
     "RecipientResult",
     "RecipientState",
+    "SentMessage",
     "SpamtrapStore",
     "Store",
     "Suppression",

@@ -52,6 +52,10 @@ _INSERT_RECIPIENT = (
     "INSERT OR IGNORE INTO recipients (queue_id, address, state)"
     " VALUES (?, ?, 'pending')"
 )
+_INSERT_SENT = (
+    "INSERT OR REPLACE INTO sent_messages (queue_id, account, message_id,"
+    " recipients, received_at) VALUES (?, ?, ?, ?, ?)"
+)
 _UPDATE_RECIPIENT = (
     "UPDATE recipients SET state = ?, smtp_code = ?, status = ?, detail = ?,"
     " updated_at = ? WHERE queue_id = ? AND address = ?"
@@ -125,6 +129,19 @@ def _message_rows(message: NewMessage) -> list[Statement]:
     rows.extend(
         (_INSERT_RECIPIENT, (message.queue_id, rcpt)) for rcpt in message.recipients
     )
+    if message.tracked and message.account is not None:
+        rows.append(
+            (
+                _INSERT_SENT,
+                (
+                    message.queue_id,
+                    message.account,
+                    message.message_id,
+                    "\n".join(message.recipients),
+                    _ts(message.received_at),
+                ),
+            )
+        )
     return rows
 
 

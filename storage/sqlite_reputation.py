@@ -23,6 +23,8 @@ from storage.base import (
     AccountStateChange,
     CounterBucket,
     EventKind,
+    KeptFeedback,
+    SentMessage,
 )
 
 _ADD_COUNT = (
@@ -42,6 +44,11 @@ _INSERT_CHANGE = (
     " statistic, changed_at, changed_by) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 IS_SPAMTRAP = "SELECT 1 FROM spamtraps WHERE address = ?"
+_SENT_SELECT = (
+    "SELECT queue_id, account, message_id, recipients, received_at FROM sent_messages"
+)
+MAX_KEPT_FEEDBACK = 10_000
+"""Unattributed feedback kept at most (the newest)."""
 
 _Statement = tuple[str, tuple[Any, ...]]
 _Custom = Callable[[aiosqlite.Connection], Awaitable[Any]]
@@ -53,6 +60,16 @@ def _ts(moment: datetime) -> float:
 
 def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
+
+
+def _sent(row: Sequence[Any]) -> SentMessage:
+    return SentMessage(
+        queue_id=row[0],
+        account=row[1],
+        message_id=row[2],
+        recipients=tuple(row[3].split("\n")) if row[3] else (),
+        received_at=_dt(row[4]),
+    )
 
 
 def count_row(bucket: CounterBucket) -> _Statement:
@@ -249,19 +266,81 @@ class SqliteReputation:
         recipient: str,
         content: bytes,
         now: datetime,
-    ) -> None:
-        """Keep feedback mail the relay could not read or attribute."""
-        await self._submit(
-            [
-                (
-                    "INSERT INTO unattributed_feedback (received_at, kind, reason,"
-                    " mail_from, recipient, content) VALUES (?, ?, ?, ?, ?, ?)",
-                    (_ts(now), kind, reason, mail_from, recipient, content),
-                )
-            ]
+    ) -> int:
+        """Keep feedback mail the relay could not read or attribute; beyond the
+        newest MAX_KEPT_FEEDBACK, the oldest go (a flood cannot fill the disk)."""
+
+        async def run(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "INSERT INTO unattributed_feedback (received_at, kind, reason,"
+                " mail_from, recipient, content) VALUES (?, ?, ?, ?, ?, ?)",
+                (_ts(now), kind, reason, mail_from[:320], recipient[:320], content),
+            )
+            new_id = int(cur.lastrowid or 0)
+            await db.execute(
+                "DELETE FROM unattributed_feedback WHERE id <= ?",
+                (new_id - MAX_KEPT_FEEDBACK,),
+            )
+            return new_id
+
+        kept: int = await self._submit([], run)
+        return kept
+
+    async def unattributed(self, limit: int = 100) -> list[KeptFeedback]:
+        """Kept feedback, newest first."""
+        rows = await self._fetch(
+            "SELECT id, received_at, kind, reason, mail_from, recipient,"
+            " length(content) FROM unattributed_feedback ORDER BY id DESC LIMIT ?",
+            (limit,),
         )
+        return [
+            KeptFeedback(
+                id=int(row[0]),
+                received_at=_dt(row[1]),
+                kind=row[2],
+                reason=row[3],
+                mail_from=row[4],
+                recipient=row[5],
+                size_bytes=int(row[6]),
+            )
+            for row in rows
+        ]
+
+    async def unattributed_content(self, feedback_id: int) -> bytes | None:
+        """The mail as received, or ``None``."""
+        rows = await self._fetch(
+            "SELECT content FROM unattributed_feedback WHERE id = ?", (feedback_id,)
+        )
+        return bytes(rows[0][0]) if rows else None
 
     async def unattributed_count(self) -> int:
         """How many pieces of feedback are kept for inspection."""
         rows = await self._fetch("SELECT COUNT(*) FROM unattributed_feedback")
         return int(rows[0][0])
+
+    # -- tracking ------------------------------------------------------------------
+
+    async def sent_message(self, queue_id: str) -> SentMessage | None:
+        """One primary-key lookup."""
+        rows = await self._fetch(_SENT_SELECT + " WHERE queue_id = ?", (queue_id,))
+        return _sent(rows[0]) if rows else None
+
+    async def sent_messages_with_id(self, message_id: str) -> list[SentMessage]:
+        """By the partial index on message_id (a handful of rows at most)."""
+        rows = await self._fetch(
+            _SENT_SELECT + " WHERE message_id = ? ORDER BY queue_id LIMIT 100",
+            (message_id,),
+        )
+        return [_sent(row) for row in rows]
+
+    async def prune_sent_messages(self, before: datetime) -> int:
+        """Forget tracking rows received before ``before``."""
+
+        async def run(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "DELETE FROM sent_messages WHERE received_at < ?", (_ts(before),)
+            )
+            return int(cur.rowcount)
+
+        pruned: int = await self._submit([], run)
+        return pruned
