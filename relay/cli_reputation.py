@@ -1,4 +1,4 @@
-"""``relay accounts`` and ``relay spamtraps``: account reputation on the command line.
+"""``relay accounts``, ``relay spamtraps`` and ``relay feedback`` on the command line.
 
 They read and write the store directly, so they work whether the relay runs or
 not; a running relay reads stored state changes back within seconds
@@ -37,7 +37,7 @@ from relay.cli import (
     main,
 )
 from storage.addresses import AddressError, canonical_address
-from storage.base import AccountStanding, AccountStateChange
+from storage.base import AccountStanding, AccountStateChange, KeptFeedback
 from storage.sqlite import SqliteStore
 
 _STATE_CHANGES = 5
@@ -284,3 +284,63 @@ def spamtraps_import(file: str, source: str, config_path: str) -> None:
     click.echo(
         f"imported {_plural(added, 'new spamtrap')} from {file} ({total} listed)"
     )
+
+
+@main.group()
+def feedback() -> None:
+    """Feedback mail the relay kept because it could not read or attribute it."""
+
+
+@feedback.command("list")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@config_option
+def feedback_list(limit: int, as_json: bool, config_path: str) -> None:
+    """List kept bounces, reports and unsubscribe mail, newest first, with why
+    each was kept (relay feedback show ID prints one)."""
+    config = _load(config_path)
+
+    async def run(store: SqliteStore) -> tuple[list[KeptFeedback], int]:
+        return await store.unattributed(limit), await store.unattributed_count()
+
+    kept, total = _with_store(config, run)
+    for item in kept:
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "id": item.id,
+                        "received_at": item.received_at.isoformat(),
+                        "channel": item.kind,
+                        "reason": item.reason,
+                        "mail_from": item.mail_from,
+                        "recipient": item.recipient,
+                        "size_bytes": item.size_bytes,
+                    }
+                )
+            )
+        else:
+            when = item.received_at.strftime("%Y-%m-%d %H:%M:%S")
+            sender = item.mail_from or "<>"
+            click.echo(
+                f"{item.id}  {when}  {item.kind:<6}  from {sender} to "
+                f"{item.recipient}  ({item.size_bytes} bytes): {item.reason}"
+            )
+    if not as_json:
+        click.echo(f"{_plural(total, 'message')} kept", err=True)
+
+
+@feedback.command("show")
+@click.argument("feedback_id", metavar="ID", type=int)
+@config_option
+def feedback_show(feedback_id: int, config_path: str) -> None:
+    """Print kept feedback mail ID exactly as it was received."""
+    config = _load(config_path)
+
+    async def run(store: SqliteStore) -> bytes | None:
+        return await store.unattributed_content(feedback_id)
+
+    content = _with_store(config, run)
+    if content is None:
+        _fail(f"no kept feedback with id {feedback_id}", code=1)
+    click.echo(content, nl=False)

@@ -252,7 +252,7 @@ class FeedbackMail:
                     traced.append((_Traced(sent, recipient, by), recipient, entry))
         if found and not traced:
             why.append("the traced message had none of the report's recipients")
-        return traced or "; ".join(why)
+        return traced or "; ".join(dict.fromkeys(why))
 
     # -- complaints ----------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class FeedbackMail:
             return trace
         found = await self._by_message(original, why)
         if not found:
-            return "; ".join(why)
+            return "; ".join(dict.fromkeys(why))
         named = [*report.original_rcpt_to, *_canonical(original.to)]
         for sent, by in found:
             recipient = next((a for a in named if a in sent.recipients), None)

@@ -70,6 +70,10 @@ def _hint(recipient: str) -> int:
     return int.from_bytes(hashlib.sha256(recipient.encode()).digest()[:2], "big")
 
 
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
 def trackable(queue_id: str) -> bool:
     """True if a token can name this queue id (every id the relay makes)."""
     return _QUEUE_ID.fullmatch(queue_id) is not None
@@ -137,8 +141,7 @@ class Tracker:
             + int(match.group(2) or 0).to_bytes(2, "big")
             + (_hint(recipient) if recipient else 0).to_bytes(2, "big")
         )
-        raw = payload + self._mac(purpose, payload, account, recipient)
-        return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+        return _b32(payload + self._mac(purpose, payload, account, recipient))
 
     # -- reading ------------------------------------------------------------------
 
@@ -165,7 +168,8 @@ class Tracker:
             raw = base64.b32decode(token.upper() + "===")
         except (binascii.Error, ValueError) as exc:
             raise TokenError("malformed token") from exc
-        if len(raw) != _TOKEN_BYTES:  # pragma: no cover - the pattern fixes it
+        if len(raw) != _TOKEN_BYTES or _b32(raw) != token.lower():
+            # One token, one spelling: no variants through the unused last bit.
             raise TokenError("malformed token")
         issued = _EPOCH + timedelta(days=int.from_bytes(raw[0:2], "big"))
         if not timedelta(days=-1) <= today - issued <= timedelta(days=MAX_AGE_DAYS):
