@@ -192,7 +192,11 @@ class Accounts:
             for name, bucket in self._limit_buckets.items()
             if self._rates.get(name) == bucket.limit
         }
-        self._throttle_buckets.clear()
+        self._throttle_buckets = {
+            name: bucket
+            for name, bucket in self._throttle_buckets.items()
+            if bucket.limit == config.thresholds.throttle_rate
+        }
         if window_changed:
             self._counters = Counters(config.thresholds.window_seconds)
             self._counts_loaded_at = 0.0  # the next reconcile reloads them

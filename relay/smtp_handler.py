@@ -440,9 +440,6 @@ class RelayHandler:
                 return self._refuse_rcpt(
                     txn, account, "spamtrap", replies.SPAMTRAP, ref, policy="spamtrap"
                 )
-            limited = accounts.recipient_refusal(session.account)
-            if limited is not None:
-                return self._refuse_rcpt(txn, account, limited[1], limited[0], ref)
         pipeline = self.pipeline
         decided = (
             PASSED
@@ -475,6 +472,11 @@ class RelayHandler:
                 ref,
                 policy=decided.policy or "-",
             )
+        if accounts is not None:
+            # Last: a recipient refused for another reason uses no allowance.
+            limited = accounts.recipient_refusal(session.account)
+            if limited is not None:
+                return self._refuse_rcpt(txn, account, limited[1], limited[0], ref)
         txn.recipients.append(rcpt)
         envelope.rcpt_tos.append(rcpt)
         self._metrics.recipients_accepted_total.labels(account).inc()

@@ -533,6 +533,49 @@ async def test_an_accounts_rate_limits_its_recipients_only(
             assert (await raw.cmd("RSET")).startswith("250")
 
 
+async def test_recipients_refused_for_other_reasons_use_no_allowance(
+    start_relay: StartRelay, upstream: CaptureUpstream, tmp_path: Path
+) -> None:
+    overrides = settings(
+        policies={"order": ["exclusion"]},
+        accounts={ACCOUNT: {"rate": "3/h", "default_category": "marketing"}},
+    )
+    relay = await start_relay(overrides)
+    await relay.store.add_suppressions(
+        [
+            Suppression(
+                address=f"x{n}@example.org",
+                account=None,
+                reason=SuppressionReason.MANUAL,
+                source="test",
+                created_at=datetime.now(UTC),
+            )
+            for n in range(2)
+        ]
+    )
+    await relay.store.add_spamtraps([TRAP], "test", datetime.now(UTC))
+    async with session(relay) as raw:
+        assert (await raw.cmd(f"MAIL FROM:<{SENDER}>")).startswith("250")
+        for refused in ("x0@example.org", "x1@example.org", TRAP):
+            reply = await raw.cmd(f"RCPT TO:<{refused}>")
+            assert reply.startswith("550 5.7.1"), reply
+        for n in range(3):
+            assert (await raw.cmd(f"RCPT TO:<r{n}@example.org>")).startswith("250")
+        assert parse_reply(await raw.cmd("RCPT TO:<r3@example.org>"))[:2] == (
+            451,
+            "4.7.1",
+        )
+    # A reload that leaves the rate alone leaves the allowance used up too.
+    toml = write_toml(tmp_path, upstream, overrides)
+    assert await relay.reload(toml)
+    async with session(relay) as raw:
+        assert (await raw.cmd(f"MAIL FROM:<{SENDER}>")).startswith("250")
+        assert parse_reply(await raw.cmd("RCPT TO:<r4@example.org>"))[:2] == (
+            451,
+            "4.7.1",
+        )
+
+
 # -- 4. one-click unsubscribe ----------------------------------------------------
 
 
