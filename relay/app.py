@@ -114,6 +114,7 @@ class Relay:
             lambda: self.config.accounts,
             self.clock,
             self.metrics,
+            ledger_in_use=lambda: self.handler.pipeline.policy("consent") is not None,
         )
         self.handler.feedback_mail = self.feedback_mail
         self.delivery.tracker = self.feedback_mail.tracker

@@ -14,6 +14,9 @@ address (everything else still needs an account):
   VERP token of its Original-Mail-From or returned Return-Path, by
   ``X-Relay-Id``, or by Message-ID. ``abuse`` and ``fraud`` reports are
   ``complaint`` events; other types (``not-spam``, ``virus``...) are logged only.
+  When the consent ledger is in use (the ``consent`` check is configured), a
+  complaint from a recipient the account holds no consent record for is
+  unjustified mail: it also counts as a ``spamtrap_hit``.
 - ``[feedback] unsubscribe_mailto``: the Subject (or the first lines of the body)
   carries ``unsubscribe <token>`` from the relay's List-Unsubscribe.
 
@@ -33,7 +36,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
@@ -116,10 +119,12 @@ class FeedbackMail:
         known_accounts: Callable[[], Iterable[str]],
         clock: Clock,
         metrics: Metrics,
+        ledger_in_use: Callable[[], bool] = lambda: False,
     ) -> None:
         self._feedback = feedback
         self._store = store
         self._known_accounts = known_accounts
+        self._ledger_in_use = ledger_in_use
         self._clock = clock
         self._metrics = metrics
         self._peers: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -286,7 +291,26 @@ class FeedbackMail:
             detail=report.feedback_type,
             dedup_key=f"arf:{sent.queue_id}:{who}",
         )
-        return await self._record(Channel.ARF, [event], trace.by)
+        events = [event]
+        if await self._unjustified(sent.account, trace.recipient):
+            # The sending policy counts it with the spamtrap hits.
+            events.append(
+                replace(
+                    event,
+                    kind=EventKind.SPAMTRAP_HIT,
+                    detail="abuse complaint without a consent record",
+                    dedup_key=f"unjustified:{sent.queue_id}:{who}",
+                )
+            )
+        return await self._record(Channel.ARF, events, trace.by)
+
+    async def _unjustified(self, account: str, recipient: str | None) -> bool:
+        """True for a complaint from a recipient the account holds no consent
+        record for, when the consent ledger is in use (the ``consent`` check is
+        configured); without the ledger no complaint can be judged so."""
+        if recipient is None or not self._ledger_in_use():
+            return False
+        return await self._store.consent_for(account, recipient) is None
 
     async def _trace_complaint(
         self, recipients: tuple[str, ...], report: ComplaintReport

@@ -21,7 +21,14 @@ from urllib.parse import unquote
 import pytest
 
 from relay.app import Relay
-from storage.base import AccountState, EventKind, SuppressionReason
+from storage.base import (
+    AccountState,
+    ConsentRecord,
+    ConsentSource,
+    EventKind,
+    OptInType,
+    SuppressionReason,
+)
 from tests.conftest import ACCOUNT, PASSWORD, StartRelay, client, merge
 from tests.e2e.test_reputation import (
     OTHER,
@@ -455,6 +462,47 @@ async def test_abuse_reports_count_as_complaints_however_they_are_traced(
         "5.7.1",
         "account acme suspended: complaints in 24h 3 exceeds 2",
     )
+
+
+async def test_a_complaint_without_a_consent_record_counts_as_a_spamtrap_hit(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(
+        feedback_settings(
+            policies={"order": ["consent"]},
+            accounts={ACCOUNT: {"default_category": "transactional"}},
+        )
+    )
+    now = datetime.now(UTC)
+    await relay.store.add_consents(
+        [
+            ConsentRecord(
+                account=ACCOUNT,
+                address="opted@example.org",
+                collected_at=now,
+                source=ConsentSource.NEWSLETTER,
+                opt_in=OptInType.SINGLE,
+            )
+        ]
+    )
+    await send(relay, ["opted@example.org"], "<j1@acme.example>")
+    await send(relay, ["never@example.org"], "<j2@acme.example>")
+    got = {m.rcpt_tos[0]: m for m in await delivered(upstream, 2)}
+    for n, rcpt in enumerate(got):
+        report = arf(header_block(got[rcpt]), report_id=f"<arf-j{n}@fbl>")
+        reply = await deliver_feedback(relay, "fbl@fbl.example.net", FBL, report)
+        assert reply.startswith("250 2.0.0 Feedback recorded"), reply
+    complaints = await relay.store.events(EventKind.COMPLAINT)
+    assert sorted(e.recipient for e in complaints) == [
+        "never@example.org",
+        "opted@example.org",
+    ]
+    (hit,) = await relay.store.events(EventKind.SPAMTRAP_HIT)
+    assert (hit.recipient, hit.detail) == (
+        "never@example.org",
+        "abuse complaint without a consent record",
+    )
+    assert (await totals(relay)).spamtrap_hits == 1
 
 
 async def test_not_spam_reports_change_nothing_and_reports_elsewhere_need_auth(
