@@ -69,6 +69,9 @@ from storage.errors import StorageError
 
 log = structlog.get_logger(__name__)
 
+MAX_KEPT_BYTES = 256 * 1024
+"""Of feedback kept for inspection, this much is kept (reports are small; a
+bounce that returns a whole large message is not)."""
 _MAX_PEERS = 10_000
 """Client IPs whose intake allowance is remembered (least recently seen go)."""
 _UNSUBSCRIBE = re.compile(r"(?i)\bunsubscribe[ \t]+([A-Za-z0-9_.=-]{8,2048})")
@@ -451,12 +454,15 @@ class FeedbackMail:
         recipients: tuple[str, ...],
         content: bytes,
     ) -> SmtpReply:
+        if len(content) > MAX_KEPT_BYTES:
+            kib = MAX_KEPT_BYTES // 1024
+            reason = f"{reason} (first {kib} KiB of {len(content)} bytes kept)"
         kept = await self._store.keep_unattributed(
             kind=channel.value,
             reason=reason,
             mail_from=mail_from,
             recipient=",".join(recipients),
-            content=content,
+            content=content[:MAX_KEPT_BYTES],
             now=self._clock.now(),
         )
         self._count(channel, "unattributed")

@@ -419,6 +419,24 @@ async def test_unreadable_or_untraceable_bounces_are_kept_and_listed(
     assert (code, err.strip()) == (1, "error: no kept feedback with id 99")
 
 
+async def test_of_a_large_unreadable_message_the_first_256_kib_are_kept(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay(feedback_settings(server={"max_message_size": "1MiB"}))
+    line = b"x" * 78 + b"\r\n"
+    big = b"Subject: returned\r\n\r\n" + line * 5000  # 400,000 bytes of body
+    assert await deliver_feedback(relay, "", f"x@{BOUNCES}", big) == (
+        "250 2.0.0 Feedback kept for inspection"
+    )
+    (kept,) = await relay.store.unattributed()
+    assert kept.size_bytes == 256 * 1024
+    assert kept.reason == (
+        f"unreadable: not_a_report (first 256 KiB of {len(big)} bytes kept)"
+    )
+    content = await relay.store.unattributed_content(kept.id)
+    assert content == big[: 256 * 1024]
+
+
 # -- abuse reports ---------------------------------------------------------------
 
 
