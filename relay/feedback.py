@@ -161,8 +161,8 @@ class Feedback:
         return new
 
     def _exclusion_for(self, event: Event) -> Suppression | None:
-        if event.account is None:
-            return None
+        if event.account is None or not event.recipient:
+            return None  # a report that names no recipient excludes nobody
         if event.kind is EventKind.UNSUBSCRIBE:
             return self._entry(
                 event.recipient,

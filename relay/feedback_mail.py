@@ -31,7 +31,6 @@ IP may send ``[feedback] intake_rate`` messages; above it the answer is
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 from collections import OrderedDict
@@ -281,9 +280,9 @@ class FeedbackMail:
         if isinstance(trace, str):
             return await self._keep(Channel.ARF, trace, mail_from, recipients, content)
         sent = trace.sent
-        who = trace.recipient or (
-            "?" + (report.message_id or hashlib.sha256(content).hexdigest()[:32])
-        )
+        # A report without its recipient counts once per copy of the message:
+        # anyone who saw the message could send any number of them.
+        who = trace.recipient or "?"
         event = Event(
             kind=EventKind.COMPLAINT,
             account=sent.account,

@@ -523,6 +523,26 @@ async def test_a_complaint_without_a_consent_record_counts_as_a_spamtrap_hit(
     assert (await totals(relay)).spamtrap_hits == 1
 
 
+async def test_reports_that_name_no_recipient_count_once_per_message(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(feedback_settings())
+    await send(relay, ["p@example.org", "q@example.org"], "<pq@acme.example>")
+    await delivered(upstream, 2)
+    quoted = "Message-ID: <pq@acme.example>\r\nTo: undisclosed-recipients:;\r\n"
+    for n in range(3):
+        report = arf(quoted, report_id=f"<arf-pq{n}@fbl>")
+        reply = await deliver_feedback(relay, "fbl@fbl.example.net", FBL, report)
+        assert reply.startswith("250 2.0.0 Feedback recorded"), reply
+    (event,) = await relay.store.events(EventKind.COMPLAINT)
+    assert (event.account, event.recipient) == (ACCOUNT, "")
+    assert (await totals(relay)).complaints == 1
+    assert received(relay, "arf", "duplicate") == 2
+    # Nobody is excluded on a report that names nobody.
+    for rcpt in ("p@example.org", "q@example.org"):
+        assert await excluded(relay, rcpt) == []
+
+
 async def test_not_spam_reports_change_nothing_and_reports_elsewhere_need_auth(
     start_relay: StartRelay, upstream: CaptureUpstream
 ) -> None:
