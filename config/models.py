@@ -29,6 +29,8 @@ from config.units import Bytes, Percent, Rate, RateLimit, Seconds
 MAX_POLICY_WORKERS = 64
 _AUTO_POLICY_WORKERS = 4
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PLAIN_LOCAL = re.compile(r"^[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*$")
+"""A local part the relay can write into a mailto: URI and a header as it is."""
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -97,7 +99,7 @@ class ServerConfig(_Section):
     @field_validator("hostname")
     @classmethod
     def _check_hostname(cls, value: str) -> str:
-        if not _HOSTNAME.match(value):
+        if not _HOSTNAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid host name")
         return value
 
@@ -280,7 +282,7 @@ def _mailbox(value: str) -> str:
     """``value`` if it is an ASCII address like ``name@host.example``, lower-cased
     in its domain; raise ValueError otherwise."""
     local, at, domain = value.rpartition("@")
-    if not at or not local or not value.isascii() or not _HOSTNAME.match(domain):
+    if not at or not _PLAIN_LOCAL.fullmatch(local) or not _HOSTNAME.fullmatch(domain):
         raise ValueError(f"{value!r} is not an address like abuse@relay.example")
     return f"{local}@{domain.lower()}"
 
@@ -323,7 +325,7 @@ class FeedbackConfig(_Section):
     def _check_bounce_domain(cls, value: str | None) -> str | None:
         if value is not None:
             value = value.rstrip(".").lower()
-            if not _HOSTNAME.match(value) or "." not in value:
+            if not _HOSTNAME.fullmatch(value) or "." not in value:
                 raise ValueError(
                     f"{value!r} is not a domain like bounces.relay.example"
                 )

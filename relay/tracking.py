@@ -46,8 +46,12 @@ _EPOCH = date(2020, 1, 1)
 _MAC_BYTES = 8
 _TOKEN_BYTES = 2 + 9 + 2 + 2 + _MAC_BYTES
 _TOKEN_CHARS = 37  # base32 of 23 bytes, without padding
-_QUEUE_ID = re.compile(r"([0-9A-F]{17})(?:\.([1-9][0-9]{0,3}))?")
-_TOKEN = re.compile(r"[a-z2-7]{37}", re.IGNORECASE)
+# Copies of a stamped message are <id>.2 up to <id>.<max_recipients> (10,000).
+_QUEUE_ID = re.compile(r"([0-9A-F]{17})(?:\.([1-9][0-9]{0,4}))?")
+_MAX_COPY = 0xFFFF  # two bytes in the token
+# ASCII only: Unicode case folding would also let U+0131 (dotless i), U+017F
+# (long s) and U+212A (Kelvin sign) match.
+_TOKEN = re.compile(r"[a-z2-7]{37}", re.IGNORECASE | re.ASCII)
 _PLAIN_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,24}")
 _FALLBACK_LOCAL = "bounce"
 
@@ -74,9 +78,16 @@ def _b32(raw: bytes) -> str:
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
+def _queue_id(queue_id: str) -> re.Match[str] | None:
+    match = _QUEUE_ID.fullmatch(queue_id)
+    if match is None or int(match.group(2) or 0) > _MAX_COPY:
+        return None
+    return match
+
+
 def trackable(queue_id: str) -> bool:
     """True if a token can name this queue id (every id the relay makes)."""
-    return _QUEUE_ID.fullmatch(queue_id) is not None
+    return _queue_id(queue_id) is not None
 
 
 def message_id_key(value: str | None) -> str | None:
@@ -131,7 +142,7 @@ class Tracker:
     def _token(
         self, purpose: str, queue_id: str, account: str, recipient: str, today: date
     ) -> str:
-        match = _QUEUE_ID.fullmatch(queue_id)
+        match = _queue_id(queue_id)
         if match is None:
             raise ValueError(f"queue id {queue_id!r} cannot be tracked")
         day = (today - _EPOCH).days

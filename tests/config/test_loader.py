@@ -19,6 +19,7 @@ from config import (
     parse_duration,
     parse_size,
 )
+from config.units import RateLimit
 from relay.cli import main
 from tests.conftest import PASSWORD_HASH
 
@@ -421,3 +422,153 @@ def test_cli_hash_password_empty() -> None:
     result = CliRunner().invoke(main, ["hash-password"], input="\n")
     assert result.exit_code == 2
     assert "empty password" in result.output
+
+
+# -- [feedback] ----------------------------------------------------------------
+
+FEEDBACK_SECRET = "k" * 32
+
+
+def feedback_toml(**values: str) -> str:
+    lines = [f'{key} = "{value}"' for key, value in values.items()]
+    return "[feedback]\n" + "\n".join(lines) + "\n"
+
+
+def test_feedback_values_are_normalised(tmp_path: Path) -> None:
+    toml = feedback_toml(
+        secret=FEEDBACK_SECRET,
+        bounce_domain="Bounces.Relay.EXAMPLE.",
+        fbl_address="FBL-Reports@Relay.EXAMPLE",
+        unsubscribe_mailto="Unsub@Relay.Example",
+        intake_rate="20/s",
+    )
+    feedback = load_config(write(tmp_path, toml), environ={}).feedback
+    assert feedback.bounce_domain == "bounces.relay.example"
+    # The local part keeps its case (RFC 5321 §2.4); the domain is lower-cased.
+    assert feedback.fbl_address == "FBL-Reports@relay.example"
+    assert feedback.unsubscribe_mailto == "Unsub@relay.example"
+    assert feedback.intake_rate == RateLimit(20, 1.0)
+    assert feedback.intake
+    assert feedback.tracks
+
+
+def test_feedback_defaults_take_no_mail(tmp_path: Path) -> None:
+    feedback = load_config(write(tmp_path, ""), environ={}).feedback
+    assert feedback.secret is None
+    assert feedback.bounce_domain is None
+    assert feedback.fbl_address is None
+    assert feedback.unsubscribe_mailto is None
+    assert feedback.intake_rate == RateLimit(600, 60.0)
+    assert not feedback.intake
+    assert not feedback.tracks
+
+
+def test_feedback_secret_from_the_environment(tmp_path: Path) -> None:
+    toml = (
+        '[feedback]\nsecret_env = "RELAY_FEEDBACK_SECRET"\n'
+        'bounce_domain = "b.example"\n'
+    )
+    config = load_config(
+        write(tmp_path, toml), environ={"RELAY_FEEDBACK_SECRET": FEEDBACK_SECRET}
+    )
+    assert config.feedback.secret is not None
+    assert config.feedback.secret.get_secret_value() == FEEDBACK_SECRET
+    assert config.feedback.bounce_domain == "b.example"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "localhost",
+        "bounces",
+        "bad_domain.example",
+        "-bounces.relay.example",
+        "bounces..relay.example",
+        "bücher.example",
+        "bounces.relay.example/x",
+        "abuse@relay.example",
+        "[192.0.2.1]",
+        ".",
+        "",
+    ],
+)
+def test_bad_bounce_domain_reported(tmp_path: Path, value: str) -> None:
+    toml = feedback_toml(secret=FEEDBACK_SECRET, bounce_domain=value)
+    problem = only(problems_of(tmp_path, toml), "feedback.bounce_domain")
+    assert "is not a domain" in problem.reason
+
+
+@pytest.mark.parametrize("key", ["fbl_address", "unsubscribe_mailto"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "abuse",
+        "@relay.example",
+        "abuse@",
+        "abuse@localhost_x.example",
+        "abuse@relay.example.",
+        "jürgen@relay.example",
+        "abuse@bücher.example",
+        "",
+    ],
+)
+def test_bad_feedback_address_reported(tmp_path: Path, key: str, value: str) -> None:
+    toml = feedback_toml(secret=FEEDBACK_SECRET, **{key: value})
+    problem = only(problems_of(tmp_path, toml), f"feedback.{key}")
+    assert "is not an address" in problem.reason
+
+
+@pytest.mark.parametrize("key", ["fbl_address", "unsubscribe_mailto"])
+@pytest.mark.parametrize(
+    "local",
+    [
+        "a\\r\\nBcc: victim",
+        "two words",
+        "u>, <https://evil.example/",
+        "a?subject=x",
+        "a%20b",
+        ".a",
+        "a..b",
+        "a\\n",
+    ],
+)
+def test_feedback_address_with_a_bad_local_part_reported(
+    tmp_path: Path, key: str, local: str
+) -> None:
+    toml = feedback_toml(secret=FEEDBACK_SECRET, **{key: f"{local}@relay.example"})
+    problem = only(problems_of(tmp_path, toml), f"feedback.{key}")
+    assert "is not an address" in problem.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("bounce_domain", "bounces.relay.example"),
+        ("fbl_address", "abuse@relay.example"),
+        ("unsubscribe_mailto", "unsubscribe@relay.example"),
+    ],
+)
+def test_feedback_address_needs_a_secret(tmp_path: Path, key: str, value: str) -> None:
+    problems = problems_of(tmp_path, feedback_toml(**{key: value}))
+    assert len(problems) == 1, problems
+    assert problems[0].path == "feedback"
+    assert problems[0].reason.startswith(f"{key} needs [feedback] secret")
+
+
+def test_short_feedback_secret_reported(tmp_path: Path) -> None:
+    toml = feedback_toml(secret="k" * 31, bounce_domain="bounces.relay.example")
+    problem = only(problems_of(tmp_path, toml), "feedback.secret")
+    assert "at least 32 characters" in problem.reason
+
+
+@pytest.mark.parametrize("value", ["lots", "10", "0/m", "-5/s", "10/fortnight"])
+def test_bad_intake_rate_reported(tmp_path: Path, value: str) -> None:
+    toml = feedback_toml(secret=FEEDBACK_SECRET, intake_rate=value)
+    assert paths(problems_of(tmp_path, toml)) == ["feedback.intake_rate"]
+
+
+def test_unknown_feedback_key_reported(tmp_path: Path) -> None:
+    toml = feedback_toml(secret=FEEDBACK_SECRET, bounce_domian="b.example")
+    assert only(problems_of(tmp_path, toml), "feedback.bounce_domian").reason == (
+        "unknown key"
+    )
