@@ -121,6 +121,7 @@ class Accounts:
         self._clock = clock
         self._metrics = metrics
         self._thresholds = config.thresholds
+        self._queue_lifetime = config.queue.max_lifetime_seconds
         self._names = frozenset(config.accounts)
         self._rates = {
             name: account.rate
@@ -156,8 +157,11 @@ class Accounts:
                     keep = max(self._counters.window_hours, DAY_HOURS) + 1
                     await self._store.prune_counters(self._now_hour() - keep)
                     # Feedback is traced for the window, and at least as long
-                    # as a tracking token is honoured.
-                    traced = max(keep * 3600, MAX_AGE_DAYS * 86400)
+                    # as a tracking token is honoured (dated when a message
+                    # that waited in the queue was finally sent).
+                    traced = (
+                        max(keep * 3600, MAX_AGE_DAYS * 86400) + self._queue_lifetime
+                    )
                     await self._store.prune_sent_messages(
                         self._now() - timedelta(seconds=traced)
                     )

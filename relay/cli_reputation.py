@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -330,11 +332,15 @@ def feedback_list(limit: int, as_json: bool, config_path: str) -> None:
         click.echo(f"{_plural(total, 'message')} kept", err=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 @feedback.command("show")
 @click.argument("feedback_id", metavar="ID", type=int)
 @config_option
 def feedback_show(feedback_id: int, config_path: str) -> None:
-    """Print kept feedback mail ID exactly as it was received."""
+    """Print kept feedback mail ID as it was received (control characters
+    escaped when writing to a terminal)."""
     config = _load(config_path)
 
     async def run(store: SqliteStore) -> bytes | None:
@@ -343,4 +349,9 @@ def feedback_show(feedback_id: int, config_path: str) -> None:
     content = _with_store(config, run)
     if content is None:
         _fail(f"no kept feedback with id {feedback_id}", code=1)
-    click.echo(content, nl=False)
+    if sys.stdout.isatty():
+        # Whoever sent it chose these bytes: no escape sequences to a terminal.
+        text = content.decode("utf-8", "backslashreplace")
+        click.echo(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text), nl=False)
+    else:
+        click.echo(content, nl=False)

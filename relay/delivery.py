@@ -161,21 +161,9 @@ class Delivery:
             and job.mail_from
             and trackable(job.queue_id)
         ):
-            today = self._clock.now().date()
-            outcomes = []
-            for index, rcpt in enumerate(job.recipients):
-                sender = tracker.return_path(
-                    job.mail_from, job.queue_id, job.account, rcpt, today
-                )
-                sent = await self._send(connection, job, sender, (rcpt,), content)
-                outcomes.extend(sent)
-                if sent[0].code is None and sent[0].status in (_UNREACHABLE, _FAULT):
-                    # No connection: the others would fare the same now.
-                    outcomes.extend(
-                        replace(sent[0], address=other)
-                        for other in job.recipients[index + 1 :]
-                    )
-                    break
+            outcomes = await self._send_verp(
+                connection, job, job.account, content, tracker
+            )
         else:
             outcomes = await self._send(
                 connection, job, job.mail_from, job.recipients, content
@@ -209,6 +197,53 @@ class Delivery:
                 else None
             ),
         )
+
+    async def _send_verp(
+        self,
+        connection: UpstreamConnection,
+        job: Job,
+        account: str,
+        content: bytes,
+        tracker: Tracker,
+    ) -> list[RecipientOutcome]:
+        """One transaction per recipient, each with its own VERP sender."""
+        today = self._clock.now().date()
+        outcomes: list[RecipientOutcome] = []
+        for index, rcpt in enumerate(job.recipients):
+            if index and self._stopping.is_set():
+                # Shutting down: what is sent is recorded, the rest stays queued.
+                outcomes.extend(
+                    RecipientOutcome(
+                        r, Outcome.TEMPORARY, None, "4.3.2", "relay stopping"
+                    )
+                    for r in job.recipients[index:]
+                )
+                break
+            sender = tracker.return_path(
+                job.mail_from, job.queue_id, account, rcpt, today
+            )
+            sent = (await self._send(connection, job, sender, (rcpt,), content))[0]
+            if sent.outcome is Outcome.PERMANENT and sent.at_mail:
+                # The upstream will not take the bounce domain as a sender: a
+                # setup problem of the relay, not the account's bounce.
+                log.warning(
+                    "verp_sender_refused",
+                    queue_id=job.queue_id,
+                    smtp_code=sent.code,
+                    reply=sent.text[:200],
+                )
+                sent = (
+                    await self._send(connection, job, job.mail_from, (rcpt,), content)
+                )[0]
+            outcomes.append(sent)
+            if sent.code is None and sent.status in (_UNREACHABLE, _FAULT):
+                # No connection: the others would fare the same now.
+                outcomes.extend(
+                    replace(sent, address=other)
+                    for other in job.recipients[index + 1 :]
+                )
+                break
+        return outcomes
 
     async def _send(
         self,

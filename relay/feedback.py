@@ -149,11 +149,16 @@ class Feedback:
 
     # -- any event -----------------------------------------------------------------
 
-    async def record(self, events: Sequence[Event]) -> list[Event]:
-        """Store ``events`` (duplicates ignored), exclude what they call for, count
-        the new ones. Exclusions are written first."""
+    async def record(
+        self, events: Sequence[Event], *, exclude: bool = True
+    ) -> list[Event]:
+        """Store ``events`` (duplicates ignored), exclude what they call for
+        (unless ``exclude`` is False: the source does not prove the recipient),
+        count the new ones. Exclusions are written first."""
         exclusions = [
-            entry for event in events if (entry := self._exclusion_for(event))
+            entry
+            for event in events
+            if exclude and (entry := self._exclusion_for(event)) is not None
         ]
         await self._exclude(exclusions)
         new = await self._store.add_events(events)

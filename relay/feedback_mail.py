@@ -31,19 +31,21 @@ IP may send ``[feedback] intake_rate`` messages; above it the answer is
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from email.errors import HeaderParseError
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from enum import StrEnum
 
 import structlog
 
 from config.models import FeedbackConfig
+from policies.base import MessageKind
 from relay import replies
 from relay.accounts import TokenBucket
 from relay.clock import Clock
@@ -62,19 +64,19 @@ from relay.metrics import Metrics
 from relay.replies import SmtpReply
 from relay.tokens import InvalidTokenError
 from relay.tracking import TokenError, Tracker, message_id_key
-from storage.addresses import AddressError, canonical_address
 from storage.base import BounceType, Event, EventKind, SentMessage, Store
 from storage.errors import StorageError
 
 log = structlog.get_logger(__name__)
 
-MAX_KEPT_BYTES = 256 * 1024
+MAX_KEPT_BYTES = 64 * 1024
 """Of feedback kept for inspection, this much is kept (reports are small; a
 bounce that returns a whole large message is not)."""
 _MAX_PEERS = 10_000
 """Client IPs whose intake allowance is remembered (least recently seen go)."""
 _UNSUBSCRIBE = re.compile(r"(?i)\bunsubscribe[ \t]+([A-Za-z0-9_.=-]{8,2048})")
-_SUBJECT = re.compile(rb"(?im)^subject:[ \t]*(.*(?:\r\n[ \t].*)*)")
+_SUBJECT = re.compile(rb"(?im)^subject:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+_HEAD_SCAN = 64 * 1024
 _BODY_SCAN = 4096
 
 
@@ -167,14 +169,15 @@ class FeedbackMail:
     def admit(self, peer_ip: str) -> SmtpReply | None:
         """``None`` if ``peer_ip`` may send another feedback message now."""
         now = time.monotonic()
-        bucket = self._peers.get(peer_ip)
+        peer = _network_of(peer_ip)
+        bucket = self._peers.get(peer)
         if bucket is None:
             bucket = TokenBucket(self._config.intake_rate, now)
-            self._peers[peer_ip] = bucket
+            self._peers[peer] = bucket
             if len(self._peers) > _MAX_PEERS:
                 self._peers.popitem(last=False)
         else:
-            self._peers.move_to_end(peer_ip)
+            self._peers.move_to_end(peer)
         if bucket.take(now):
             return None
         self._metrics.feedback_received_total.labels("smtp", "refused").inc()
@@ -200,10 +203,23 @@ class FeedbackMail:
                 return await self._bounce(mail_from, recipients, content)
             return await self._complaint(mail_from, recipients, content)
         except StorageError as exc:
-            self._metrics.storage_errors_total.labels("unavailable").inc()
-            self._count(channel, "error")
-            log.warning("feedback_not_recorded", channel=channel.value, error=str(exc))
-            return replies.STORAGE_UNAVAILABLE
+            return self._not_stored(channel, exc)
+        except Exception:
+            # A fault of the relay's own: keep the mail rather than have the
+            # sender retry (and fail) for days.
+            log.exception("feedback_fault", channel=channel.value)
+            try:
+                return await self._keep(
+                    channel, "internal error reading it", mail_from, recipients, content
+                )
+            except StorageError as exc:
+                return self._not_stored(channel, exc)
+
+    def _not_stored(self, channel: Channel, exc: StorageError) -> SmtpReply:
+        self._metrics.storage_errors_total.labels("unavailable").inc()
+        self._count(channel, "error")
+        log.warning("feedback_not_recorded", channel=channel.value, error=str(exc))
+        return replies.STORAGE_UNAVAILABLE
 
     # -- bounces -------------------------------------------------------------------
 
@@ -232,7 +248,11 @@ class FeedbackMail:
             _bounce_event(trace, recipient, entry, now)
             for trace, recipient, entry in traced
         ]
-        return await self._record(Channel.DSN, events, traced[0][0].by)
+        # Only a VERP token proves which recipient bounced (its MAC covers the
+        # address): a bounce traced by its headers counts for the account, but
+        # excludes nobody.
+        by = traced[0][0].by
+        return await self._record(Channel.DSN, events, by, exclude=by == "verp")
 
     async def _trace_bounce(
         self, recipients: tuple[str, ...], report: BounceReport
@@ -249,17 +269,18 @@ class FeedbackMail:
             )
             return [(trace, trace.recipient, entry)]
         found = await self._by_message(original, why)
-        traced = []
         for sent, by in found:
-            for entry in failed:
-                recipient = next(
-                    (a for a in _addresses(entry) if a in sent.recipients), None
-                )
-                if recipient is not None:
-                    traced.append((_Traced(sent, recipient, by), recipient, entry))
-        if found and not traced:
-            why.append("the traced message had none of the report's recipients")
-        return traced or "; ".join(dict.fromkeys(why))
+            # Without VERP, anyone who saw the message could name any of its
+            # recipients: only a copy for a single recipient says who it was.
+            if len(sent.recipients) != 1:
+                continue
+            recipient = sent.recipients[0]
+            named = next((r for r in failed if recipient in _addresses(r)), None)
+            if named is not None:
+                return [(_Traced(sent, recipient, by), recipient, named)]
+        if found:
+            why.append("the traced message had several recipients, or not the report's")
+        return "; ".join(dict.fromkeys(why))
 
     # -- complaints ----------------------------------------------------------------
 
@@ -294,7 +315,7 @@ class FeedbackMail:
             dedup_key=f"arf:{sent.queue_id}:{who}",
         )
         events = [event]
-        if await self._unjustified(sent.account, trace.recipient):
+        if await self._unjustified(sent, trace.recipient):
             # The sending policy counts it with the spamtrap hits.
             events.append(
                 replace(
@@ -306,13 +327,18 @@ class FeedbackMail:
             )
         return await self._record(Channel.ARF, events, trace.by)
 
-    async def _unjustified(self, account: str, recipient: str | None) -> bool:
-        """True for a complaint from a recipient the account holds no consent
-        record for, when the consent ledger is in use (the ``consent`` check is
-        configured); without the ledger no complaint can be judged so."""
-        if recipient is None or not self._ledger_in_use():
+    async def _unjustified(self, sent: SentMessage, recipient: str | None) -> bool:
+        """True for a complaint about marketing mail from a recipient the account
+        holds no record for (neither consent nor a customer relationship), when
+        the consent ledger is in use (the ``consent`` check is configured);
+        without the ledger no complaint can be judged so."""
+        if (
+            recipient is None
+            or sent.kind != MessageKind.MARKETING
+            or not self._ledger_in_use()
+        ):
             return False
-        return await self._store.consent_for(account, recipient) is None
+        return await self._store.consent_for(sent.account, recipient) is None
 
     async def _trace_complaint(
         self, recipients: tuple[str, ...], report: ComplaintReport
@@ -327,13 +353,11 @@ class FeedbackMail:
         found = await self._by_message(original, why)
         if not found:
             return "; ".join(dict.fromkeys(why))
-        named = [*report.original_rcpt_to, *_canonical(original.to)]
         for sent, by in found:
-            recipient = next((a for a in named if a in sent.recipients), None)
-            if recipient is None and len(sent.recipients) == 1:
-                recipient = sent.recipients[0]
-            if recipient is not None:
-                return _Traced(sent, recipient, by)
+            # Only a copy for a single recipient says who complained: a report
+            # could name any recipient of a message its sender saw.
+            if len(sent.recipients) == 1:
+                return _Traced(sent, sent.recipients[0], by)
         # The account is known, the recipient redacted: it still counts.
         sent, by = found[0]
         return _Traced(sent, None, by)
@@ -405,9 +429,10 @@ class FeedbackMail:
     # -- unsubscribes --------------------------------------------------------------
 
     async def _mailto(self, content: bytes) -> SmtpReply:
-        end = content.find(b"\r\n\r\n")
-        head = content[: end if end >= 0 else len(content)]
-        candidates = [_decoded(m.group(1)) for m in _SUBJECT.finditer(head)][:1]
+        end = content.find(b"\r\n\r\n", 0, _HEAD_SCAN)
+        head = content[: end if end >= 0 else _HEAD_SCAN]
+        subject = _SUBJECT.search(head)
+        candidates = [_decoded(subject.group(1))] if subject is not None else []
         if end >= 0:
             body = content[end + 4 : end + 4 + _BODY_SCAN]
             candidates.append(body.decode("utf-8", "replace"))
@@ -428,9 +453,9 @@ class FeedbackMail:
     # -- recording -----------------------------------------------------------------
 
     async def _record(
-        self, channel: Channel, events: list[Event], by: str
+        self, channel: Channel, events: list[Event], by: str, *, exclude: bool = True
     ) -> SmtpReply:
-        new = await self._feedback.record(events)
+        new = await self._feedback.record(events, exclude=exclude)
         self._count(channel, "recorded" if new else "duplicate")
         for event in events:
             log.info(
@@ -485,8 +510,20 @@ def _decoded(raw: bytes) -> str:
         return text
     try:
         return str(make_header(decode_header(text)))
-    except (HeaderParseError, LookupError, ValueError):
+    except (MessageError, LookupError, ValueError):
         return text
+
+
+def _network_of(peer_ip: str) -> str:
+    """The unit an intake allowance is kept for: the address, or its /64 for
+    IPv6 (one host usually holds a whole /64)."""
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return peer_ip
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _same(address: str, configured: str) -> bool:
@@ -499,17 +536,6 @@ def _addresses(entry: BounceRecipient) -> tuple[str, ...]:
     if entry.original_recipient and entry.original_recipient != entry.recipient:
         return (entry.recipient, entry.original_recipient)
     return (entry.recipient,)
-
-
-def _canonical(value: str | None) -> list[str]:
-    if not value:
-        return []
-    start, end = value.rfind("<"), value.rfind(">")
-    address = value[start + 1 : end] if 0 <= start < end else value
-    try:
-        return [canonical_address(address.strip())]
-    except AddressError:
-        return []
 
 
 def _bounce_event(

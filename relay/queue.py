@@ -123,6 +123,7 @@ class Queue:
         queue_id: str | None = None,
         tracked: bool = False,
         message_id: str | None = None,
+        kind: str | None = None,
     ) -> NewMessage:
         """A message record stamped with an id, arrival and expiry; ``tracked``
         keeps the row that traces feedback back to it (:mod:`relay.tracking`)."""
@@ -138,6 +139,7 @@ class Queue:
             smtputf8=smtputf8,
             tracked=tracked,
             message_id=message_id,
+            kind=kind,
         )
 
     def new_dsn(

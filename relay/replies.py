@@ -46,6 +46,9 @@ AUTH_INVALID = SmtpReply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_REQUIRED = SmtpReply(
     530, "5.7.0", "Authentication required: log in with AUTH first"
 )
+AUTH_IN_TRANSACTION = SmtpReply(
+    503, "5.5.1", "AUTH is not permitted during a mail transaction"
+)
 AUTH_MALFORMED = SmtpReply(501, "5.5.2", "Malformed authentication data")
 RELAY_DENIED = SmtpReply(
     554, "5.7.1", "Relay access denied: authenticate with AUTH to send mail"

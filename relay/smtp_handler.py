@@ -242,6 +242,10 @@ class RelayHandler:
         args: list[str],
     ) -> str | None:
         """AUTH PLAIN and LOGIN against the accounts, off the event loop."""
+        if session.transaction is not None:
+            # RFC 4954 §4: not during a mail transaction (a transaction begun
+            # without AUTH is feedback for the relay, and stays so).
+            return replies.AUTH_IN_TRANSACTION.render(session.session_id)
         remaining = self._auth.lockout_remaining(session.peer_ip)
         if remaining > 0:
             self._metrics.auth_attempts_total.labels("locked_out").inc()
@@ -405,7 +409,9 @@ class RelayHandler:
         intake = self.feedback_mail
         channel = intake.channel_for(rcpt) if intake is not None else None
         if channel is not None:
-            return self._feedback_rcpt(txn, envelope, account, rcpt, channel, ref)
+            return self._feedback_rcpt(
+                txn, envelope, account, session.peer_ip, rcpt, channel, ref
+            )
         if session.account is None:
             return self._refuse_rcpt(
                 txn, account, "relay_denied", replies.RELAY_DENIED, ref
@@ -488,6 +494,7 @@ class RelayHandler:
         txn: Transaction,
         envelope: Envelope,
         account: str,
+        peer_ip: str,
         rcpt: str,
         channel: Channel,
         ref: str,
@@ -499,6 +506,11 @@ class RelayHandler:
             )
         if rcpt in txn.recipients:
             return replies.RECIPIENT_OK.render()
+        if not txn.recipients and account != "-" and self.feedback_mail is not None:
+            # A logged-in client sending feedback is held to the same allowance.
+            busy = self.feedback_mail.admit(peer_ip)
+            if busy is not None:
+                return self._refuse_rcpt(txn, account, "feedback_rate", busy, ref)
         if len(txn.recipients) >= _MAX_FEEDBACK_RECIPIENTS:
             return self._refuse_rcpt(
                 txn, account, "too_many_recipients", replies.TOO_MANY_RECIPIENTS, ref
@@ -719,6 +731,7 @@ class RelayHandler:
                 queue_id=queue_id,
                 tracked=tracker is not None,
                 message_id=message_id,
+                kind=txn.kind.value if txn.kind is not None else None,
             )
 
         if stamper is None:

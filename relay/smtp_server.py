@@ -17,6 +17,7 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP
 
 from config.models import ServerConfig
+from relay.feedback_reports import MAX_REPORT_BYTES
 from relay.replies import SmtpReply, protocol_error_reason, with_enhanced_code
 from relay.smtp_handler import RelayHandler, RelaySession
 
@@ -143,6 +144,15 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         limit = self.data_size_limit or _UNLIMITED
+        session = self.session
+        if (
+            isinstance(session, RelaySession)
+            and session.transaction is not None
+            and session.transaction.channel is not None
+        ):
+            # Feedback for the relay itself: reports are small, and larger ones
+            # are not read (MAX_REPORT_BYTES); nobody had to log in to send it.
+            limit = min(limit, MAX_REPORT_BYTES)
         reader = self._reader
         data = bytearray()
         too_much = False

@@ -70,10 +70,6 @@ class Reference:
     hint: int
 
 
-def _hint(recipient: str) -> int:
-    return int.from_bytes(hashlib.sha256(recipient.encode()).digest()[:2], "big")
-
-
 def _b32(raw: bytes) -> str:
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
@@ -150,7 +146,7 @@ class Tracker:
             day.to_bytes(2, "big")
             + int(match.group(1), 16).to_bytes(9, "big")
             + int(match.group(2) or 0).to_bytes(2, "big")
-            + (_hint(recipient) if recipient else 0).to_bytes(2, "big")
+            + (self._hint(recipient) if recipient else 0).to_bytes(2, "big")
         )
         return _b32(payload + self._mac(purpose, payload, account, recipient))
 
@@ -197,7 +193,7 @@ class Tracker:
         """The recipient a genuine VERP token names in ``sent``; ``None`` if the
         token was not made by this relay for one of its recipients."""
         for candidate in sent.recipients:
-            if _hint(candidate) == reference.hint and self._genuine(
+            if self._hint(candidate) == reference.hint and self._genuine(
                 VERP, reference, sent.account, candidate
             ):
                 return candidate
@@ -214,6 +210,12 @@ class Tracker:
         return hmac.compare_digest(
             given, self._mac(purpose, payload, account, recipient)
         )
+
+    def _hint(self, recipient: str) -> int:
+        """16 bits that pick the recipient out of the message's list (keyed, so
+        a Return-Path tells an onlooker nothing about the address)."""
+        digest = hmac.new(self._key, b"hint\x1f" + recipient.encode(), hashlib.sha256)
+        return int.from_bytes(digest.digest()[:2], "big")
 
     def _mac(self, purpose: str, payload: bytes, account: str, recipient: str) -> bytes:
         data = b"\x1f".join(

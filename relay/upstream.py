@@ -13,7 +13,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import aiosmtplib
@@ -46,6 +46,8 @@ class RecipientOutcome:
     code: int | None
     status: str
     text: str
+    at_mail: bool = False
+    """The upstream refused the envelope sender (MAIL), not the recipient."""
 
 
 def _enhanced(code: int | None, text: str) -> tuple[str, str]:
@@ -252,7 +254,12 @@ class UpstreamConnection:
             try:
                 await client.mail(mail_from, options=options, encoding=encoding)
             except aiosmtplib.SMTPSenderRefused as exc:
-                return self._all(recipients, exc.code, exc.message, refused=True)
+                return [
+                    replace(outcome, at_mail=True)
+                    for outcome in self._all(
+                        recipients, exc.code, exc.message, refused=True
+                    )
+                ]
             stage = "RCPT"
             outcomes: dict[str, RecipientOutcome] = {}
             accepted: list[str] = []

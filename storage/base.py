@@ -165,6 +165,8 @@ class NewMessage:
     """Keep a :class:`SentMessage` row, so feedback can be traced back to it."""
     message_id: str | None = None
     """The Message-ID header (``<...>``), kept with the tracking row."""
+    kind: str | None = None
+    """``marketing`` or ``transactional`` (kept with the tracking row)."""
 
     @property
     def generated(self) -> bool:
@@ -182,6 +184,7 @@ class SentMessage:
     message_id: str | None
     recipients: tuple[str, ...]
     received_at: datetime
+    kind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

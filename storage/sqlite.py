@@ -54,7 +54,7 @@ _INSERT_RECIPIENT = (
 )
 _INSERT_SENT = (
     "INSERT OR REPLACE INTO sent_messages (queue_id, account, message_id,"
-    " recipients, received_at) VALUES (?, ?, ?, ?, ?)"
+    " recipients, received_at, kind) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_RECIPIENT = (
     "UPDATE recipients SET state = ?, smtp_code = ?, status = ?, detail = ?,"
@@ -139,6 +139,7 @@ def _message_rows(message: NewMessage) -> list[Statement]:
                     message.message_id,
                     "\n".join(message.recipients),
                     _ts(message.received_at),
+                    message.kind,
                 ),
             )
         )

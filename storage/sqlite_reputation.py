@@ -45,7 +45,8 @@ _INSERT_CHANGE = (
 )
 IS_SPAMTRAP = "SELECT 1 FROM spamtraps WHERE address = ?"
 _SENT_SELECT = (
-    "SELECT queue_id, account, message_id, recipients, received_at FROM sent_messages"
+    "SELECT queue_id, account, message_id, recipients, received_at, kind"
+    " FROM sent_messages"
 )
 MAX_KEPT_FEEDBACK = 10_000
 """Unattributed feedback kept at most (the newest)."""
@@ -69,6 +70,7 @@ def _sent(row: Sequence[Any]) -> SentMessage:
         message_id=row[2],
         recipients=tuple(row[3].split("\n")) if row[3] else (),
         received_at=_dt(row[4]),
+        kind=row[5],
     )
 
 

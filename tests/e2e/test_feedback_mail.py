@@ -10,10 +10,12 @@ traced are kept, never dropped; forged tokens change nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import sys
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -229,6 +231,25 @@ async def test_each_recipient_leaves_with_its_own_verp_sender_and_x_relay_id(
     )
 
 
+async def test_an_upstream_that_refuses_the_bounce_domain_gets_the_own_sender(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    upstream.refused_sender_domains.add(BOUNCES)
+    relay = await start_relay(feedback_settings())
+    await send(relay, ["a@example.org", "b@example.org"], "<f1@acme.example>")
+    got = await delivered(upstream, 2)
+    assert sorted((m.mail_from, m.rcpt_tos[0]) for m in got) == [
+        (SENDER, "a@example.org"),
+        (SENDER, "b@example.org"),
+    ]
+
+    async def settled() -> bool:
+        return (await totals(relay)).sent == 2
+
+    await until(settled, "both recipients counted")
+    assert (await totals(relay)).bounces == 0
+
+
 async def test_without_a_bounce_domain_the_envelope_sender_is_kept(
     start_relay: StartRelay, upstream: CaptureUpstream
 ) -> None:
@@ -369,6 +390,30 @@ async def test_a_bounce_without_verp_is_traced_by_x_relay_id_or_message_id(
         (ACCOUNT, "x@example.org"),
         (ACCOUNT, "y@example.org"),
     ]
+    # Only a VERP token proves the recipient: these count, but exclude nobody.
+    for rcpt in ("x@example.org", "y@example.org"):
+        assert await excluded(relay, rcpt, OTHER) == []
+
+
+async def test_a_co_recipient_cannot_bounce_or_complain_for_the_others(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(feedback_settings())
+    await send(relay, ["a@example.org", "b@example.org"], "<ab@acme.example>")
+    got = {m.rcpt_tos[0]: m for m in await delivered(upstream, 2)}
+    # a@ takes its own copy's headers, drops the Return-Path and names b@.
+    headers = header_block(got["a@example.org"]).split("\r\n", 1)[1]
+    forged = dsn(f"postmaster@{BOUNCES}", "b@example.org", headers)
+    reply = await deliver_feedback(relay, "", f"postmaster@{BOUNCES}", forged)
+    assert reply == "250 2.0.0 Feedback kept for inspection"
+    report = arf(headers, rcpt_to="b@example.org", report_id="<arf-ab@fbl>")
+    reply = await deliver_feedback(relay, "fbl@fbl.example.net", FBL, report)
+    assert reply.startswith("250 2.0.0 Feedback recorded"), reply
+    (complaint,) = await relay.store.events(EventKind.COMPLAINT)
+    assert complaint.recipient == ""  # counted for the account, naming nobody
+    assert await relay.store.events(EventKind.BOUNCE) == []
+    assert await excluded(relay, "b@example.org") == []
+    assert await excluded(relay, "b@example.org", OTHER) == []
 
 
 async def test_unreadable_or_untraceable_bounces_are_kept_and_listed(
@@ -419,7 +464,7 @@ async def test_unreadable_or_untraceable_bounces_are_kept_and_listed(
     assert (code, err.strip()) == (1, "error: no kept feedback with id 99")
 
 
-async def test_of_a_large_unreadable_message_the_first_256_kib_are_kept(
+async def test_of_a_large_unreadable_message_the_first_64_kib_are_kept(
     start_relay: StartRelay,
 ) -> None:
     relay = await start_relay(feedback_settings(server={"max_message_size": "1MiB"}))
@@ -429,12 +474,12 @@ async def test_of_a_large_unreadable_message_the_first_256_kib_are_kept(
         "250 2.0.0 Feedback kept for inspection"
     )
     (kept,) = await relay.store.unattributed()
-    assert kept.size_bytes == 256 * 1024
+    assert kept.size_bytes == 64 * 1024
     assert kept.reason == (
-        f"unreadable: not_a_report (first 256 KiB of {len(big)} bytes kept)"
+        f"unreadable: not_a_report (first 64 KiB of {len(big)} bytes kept)"
     )
     content = await relay.store.unattributed_content(kept.id)
-    assert content == big[: 256 * 1024]
+    assert content == big[: 64 * 1024]
 
 
 # -- abuse reports ---------------------------------------------------------------
@@ -485,10 +530,11 @@ async def test_abuse_reports_count_as_complaints_however_they_are_traced(
 async def test_a_complaint_without_a_consent_record_counts_as_a_spamtrap_hit(
     start_relay: StartRelay, upstream: CaptureUpstream
 ) -> None:
+    # The ledger is in use (monitor mode lets the unconsented mail out).
     relay = await start_relay(
         feedback_settings(
-            policies={"order": ["consent"]},
-            accounts={ACCOUNT: {"default_category": "transactional"}},
+            policies={"order": ["consent"], "consent": {"mode": "monitor"}},
+            accounts={ACCOUNT: {"default_category": "marketing"}},
         )
     )
     now = datetime.now(UTC)
@@ -505,16 +551,23 @@ async def test_a_complaint_without_a_consent_record_counts_as_a_spamtrap_hit(
     )
     await send(relay, ["opted@example.org"], "<j1@acme.example>")
     await send(relay, ["never@example.org"], "<j2@acme.example>")
-    got = {m.rcpt_tos[0]: m for m in await delivered(upstream, 2)}
-    for n, rcpt in enumerate(got):
+    # A password reset to someone without consent: transactional, justified.
+    smtp = await client(relay)
+    try:
+        reset = outgoing("reset@example.org", "<j3@acme.example>").replace(
+            b"Subject:", b"X-Relay-Category: transactional\r\nSubject:", 1
+        )
+        errors, _ = await smtp.sendmail(SENDER, ["reset@example.org"], reset)
+        assert errors == {}
+    finally:
+        await smtp.quit()
+    got = {m.rcpt_tos[0]: m for m in await delivered(upstream, 3)}
+    for n, rcpt in enumerate(sorted(got)):
         report = arf(header_block(got[rcpt]), report_id=f"<arf-j{n}@fbl>")
         reply = await deliver_feedback(relay, "fbl@fbl.example.net", FBL, report)
         assert reply.startswith("250 2.0.0 Feedback recorded"), reply
     complaints = await relay.store.events(EventKind.COMPLAINT)
-    assert sorted(e.recipient for e in complaints) == [
-        "never@example.org",
-        "opted@example.org",
-    ]
+    assert sorted(e.recipient for e in complaints) == sorted(got)
     (hit,) = await relay.store.events(EventKind.SPAMTRAP_HIT)
     assert (hit.recipient, hit.detail) == (
         "never@example.org",
@@ -579,6 +632,28 @@ async def test_feedback_and_other_mail_go_in_separate_transactions(
         await raw.close()
 
 
+async def test_auth_is_refused_inside_a_transaction_begun_without_it(
+    start_relay: StartRelay, upstream: CaptureUpstream
+) -> None:
+    relay = await start_relay(feedback_settings())
+    raw = await RawClient.connect("127.0.0.1", relay.smtp.port)
+    try:
+        assert (await raw.cmd("EHLO mx.example.net")).startswith("250")
+        assert (await raw.cmd(f"MAIL FROM:<{SENDER}>")).startswith("250")
+        token = base64.b64encode(f"\0{ACCOUNT}\0{PASSWORD}".encode()).decode()
+        code, status, text = parse_reply(await raw.cmd(f"AUTH PLAIN {token}"))
+        assert (code, status, text) == (
+            503,
+            "5.5.1",
+            "AUTH is not permitted during a mail transaction",
+        )
+        reply = await raw.cmd("RCPT TO:<victim@example.org>")
+        assert parse_reply(reply)[:2] == (554, "5.7.1")
+    finally:
+        await raw.close()
+    assert upstream.messages == []
+
+
 async def test_without_feedback_addresses_mail_without_auth_is_refused_at_mail(
     start_relay: StartRelay,
 ) -> None:
@@ -607,6 +682,21 @@ async def test_a_flood_of_feedback_from_one_address_is_deferred(
     )
     assert await relay.store.unattributed_count() == 2
     assert received(relay, "smtp", "refused") == 1
+
+
+async def test_odd_feedback_gets_an_answer_never_an_internal_error(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay(feedback_settings(feedback={"unsubscribe_mailto": UNSUB}))
+    bad_charset = "Subject: unsubscribe =?\u00e9?q?x?=\r\n\r\nhi\r\n".encode()
+    reply = await deliver_feedback(relay, "m@example.org", UNSUB, bad_charset)
+    assert parse_reply(reply)[:2] == (550, "5.7.1")
+    # Above the 4 MiB a report may have: refused while reading, nothing kept.
+    line = b"y" * 998 + b"\r\n"
+    huge = b"Subject: returned\r\n\r\n" + line * 4300
+    reply = await deliver_feedback(relay, "", f"x@{BOUNCES}", huge)
+    assert reply.startswith("552 "), reply
+    assert await relay.store.unattributed_count() == 0
 
 
 # -- mailto unsubscribe ----------------------------------------------------------
@@ -647,7 +737,14 @@ async def test_the_mailto_unsubscribe_excludes_at_once(
     assert parse_reply(reply)[:2] == (550, "5.7.1")
     assert await excluded(relay, "m@example.org") == []
 
-    request = f"From: m@example.org\r\nSubject: {subject}\r\n\r\n\r\n".encode()
+    # As a mail program writes it: the long Subject folded (and encoded).
+    mail = EmailMessage(policy=policy.SMTP)
+    mail["From"] = "m@example.org"
+    mail["To"] = UNSUB
+    mail["Subject"] = subject
+    mail.set_content("Please unsubscribe me.")
+    request = mail.as_bytes()
+    assert b"\r\n " in request.split(b"\r\n\r\n", 1)[0]  # it is folded
     reply = await deliver_feedback(relay, "m@example.org", UNSUB, request)
     assert reply == "250 2.0.0 Unsubscribed"
     (entry,) = await excluded(relay, "m@example.org")

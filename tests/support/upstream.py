@@ -40,6 +40,8 @@ class CaptureUpstream:
     authenticator: Callable[..., Any] | None = None
     """An aiosmtpd authenticator; when set, AUTH is offered over cleartext."""
     commands: list[str] = field(default_factory=list)
+    refused_sender_domains: set[str] = field(default_factory=set)
+    """MAIL FROM at these domains gets ``553 5.7.1`` (an unverified sender)."""
     _server: asyncio.AbstractServer | None = None
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     _attempts: dict[str, int] = field(default_factory=dict)
@@ -117,6 +119,20 @@ class _CountingSMTP(SMTP):
 class _Handler:
     def __init__(self, owner: CaptureUpstream) -> None:
         self._owner = owner
+
+    async def handle_MAIL(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if address.rpartition("@")[2] in self._owner.refused_sender_domains:
+            return "553 5.7.1 Sender address rejected: not owned by you"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(  # noqa: N802
         self,
