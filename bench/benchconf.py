@@ -1,11 +1,16 @@
 """The relay configuration the benchmarks use, and the lists they load into it.
 
-``bench/run.py`` writes :func:`relay_toml` for its two relay targets (``relay``:
-no checks; ``relay+policies``: every check enforced) and ``bench/policy_costs.py``
-loads the same text, so both measure the same pipeline. The two configurations
-differ only in ``[policies] order``: same account, same sender domain, same
-``[feedback] secret``, and the same exclusion list and consent ledger in the
-database (:func:`write_suppressions_csv`, :func:`write_consents_csv`).
+``bench/run.py`` writes :func:`relay_toml` for its relay targets (``relay``: no
+checks; ``relay+policies``: every check enforced; ``relay+reputation``: no checks,
+reputation tracking fully on) and ``bench/policy_costs.py`` loads the same text,
+so both measure the same pipeline. ``relay`` and ``relay+policies`` differ only
+in ``[policies] order``: same account, same sender domain, same ``[feedback]
+secret``, and the same exclusion list and consent ledger in the database
+(:func:`write_suppressions_csv`, :func:`write_consents_csv`).
+``relay+reputation`` adds what tracking costs (``reputation=True``: VERP and
+``X-Relay-Id`` through ``[feedback] bounce_domain`` and ``fbl_address``, an
+account ``rate``) and a spamtrap list (:func:`write_spamtraps`);
+``bench/feedback_ingest.py`` uses the same configuration.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ WANTED_POLICIES = (
 """Every check of the sending policy, in the order ``relay+policies`` runs them
 (the list lookups first: they decide at RCPT where they can)."""
 
+BOUNCE_DOMAIN = "bounces.bench.example"
+"""``[feedback] bounce_domain`` with reputation tracking on (VERP senders)."""
+
+FBL_ADDRESS = "fbl@bench.example"
+"""``[feedback] fbl_address`` with reputation tracking on."""
+
+ACCOUNT_RATE = "100000000/h"
+"""``[accounts.bench] rate`` with reputation tracking on: a token bucket is
+taken per recipient, but this one never runs dry in a benchmark."""
+
 DUMMY_PASSWORD_HASH = (
     "$argon2id$v=19$m=19456,t=2,p=1$riXugVX5PjR5ppP6EE1XSA$"  # noqa: S105 - a dummy
     "2OI2aAVM6AIR4rQbcfNMZFo3cOeWUjBvo6xPNybrwZM"
@@ -55,7 +70,7 @@ max_sessions = 1000
 [http]
 listen = "{host}:{http_port}"
 public_url = "http://{host}:{http_port}"
-
+{http}
 [storage]
 url = "sqlite:///{db}"
 
@@ -68,7 +83,7 @@ send_dsn = false
 
 [feedback]
 secret = "{secret}"
-
+{feedback}
 [policies]
 mode = "enforce"
 order = [{order}]
@@ -101,8 +116,27 @@ def relay_toml(
     secret: str | None = None,
     default_category: str | None = None,
     workers: str = "auto",
+    reputation: bool = False,
+    intake_rate: str | None = None,
+    admin_token: str | None = None,
 ) -> str:
-    """relay.toml for the bench account; ``order`` lists the enforced checks."""
+    """relay.toml for the bench account; ``order`` lists the enforced checks.
+
+    ``reputation``: reputation tracking fully on (:data:`BOUNCE_DOMAIN`,
+    :data:`FBL_ADDRESS`, the account's :data:`ACCOUNT_RATE`); ``intake_rate``:
+    ``[feedback] intake_rate`` (the default, 600/m per client IP, would throttle
+    a feedback benchmark); ``admin_token``: ``[http] admin_token`` (the admin
+    API, ``/api``, is off without it).
+    """
+    feedback = ""
+    account = f'default_category = "{default_category}"\n' if default_category else ""
+    if reputation:
+        feedback += (
+            f'bounce_domain = "{BOUNCE_DOMAIN}"\nfbl_address = "{FBL_ADDRESS}"\n'
+        )
+        account += f'rate = "{ACCOUNT_RATE}"\n'
+    if intake_rate is not None:
+        feedback += f'intake_rate = "{intake_rate}"\n'
     return RELAY_TOML.format(
         host=host,
         port=port,
@@ -118,7 +152,9 @@ def relay_toml(
         password_hash=password_hash,
         domain=SENDER_DOMAIN,
         verified=DOMAIN_VERIFIED,
-        extra=f'default_category = "{default_category}"\n' if default_category else "",
+        extra=account,
+        feedback=feedback,
+        http=f'admin_token = "{admin_token}"\n' if admin_token else "",
     )
 
 
@@ -224,6 +260,22 @@ def suppression_rows(
         local = f"{rng.choice(('anna', 'bob', 'chen', 'dara', 'eli'))}.{index:07d}"
         domain = f"d{rng.randrange(20_000)}.example.org"
         yield f"{local}@{domain}", account, reason, created, expires
+
+
+def spamtrap_addresses(count: int) -> Iterable[str]:
+    """``count`` generated spamtrap addresses, never a load generator recipient
+    (those are in ``example.net``)."""
+    for index in range(count):
+        yield f"trap.{index:07d}@t{index % 997}.example.com"
+
+
+def write_spamtraps(path: Path, count: int) -> int:
+    """A spamtrap file (``relay spamtraps import``): one address per line."""
+    with path.open("w", encoding="utf-8") as out:
+        out.write("# generated spamtraps (bench/benchconf.py)\n")
+        for address in spamtrap_addresses(count):
+            out.write(address + "\n")
+    return count
 
 
 def write_suppressions_csv(path: Path, count: int) -> int:
