@@ -20,6 +20,7 @@ Private to the two checks: the results are theirs to interpret.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,13 +55,24 @@ TOLERATED_DEFECTS = (errors.ObsoleteHeaderDefect, errors.NonASCIILocalPartDefect
 
 NOT_AN_ADDRESS_LIST: Final = "it is not an RFC 5322 address list"
 
+_DATE_CACHE_SIZE = 256
+"""Distinct Date values remembered across messages (datetimes are immutable)."""
+_ADDRESS_CACHE_SIZE = 4096
+"""Distinct plain address lists remembered across messages (tuples of frozen
+mailboxes)."""
+
 FIELDS_MEMO: Final = "policies._headers.fields"
 PARSED_MEMO: Final = "policies._headers.parsed"
 
 _HEADER_FOLD = re.compile(r"\r?\n(?=[ \t])")
-# A field line the email package's feed parser reads as such (its headerRE
-# without the empty name it drops and the "From " envelope line it sets aside).
-_FIELD_START = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
+# A field the email package's feed parser reads as such (its headerRE without
+# the empty name it drops and the "From " envelope line it sets aside): its name,
+# and its value after the blanks that follow the colon, up to the CRLF that ends
+# its last continuation line. Anything else, a bare CR or LF included, is junk.
+_FIELD_OR_JUNK = re.compile(
+    r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n|(.)",
+    re.DOTALL,
+)
 # Printable ASCII and TAB: nothing that decodes or renders as anything else.
 _PLAIN = re.compile(r"[\t\x20-\x7e]*")
 # RFC 5322 §3.2.3 atext, §3.4.1 dot-atom local part; the domain in LDH labels.
@@ -111,12 +123,20 @@ class HeaderFields:
 
     def __init__(self, items: tuple[tuple[str, str], ...]) -> None:
         self.items = items
-        self.names = tuple(name.lower() for name, _ in items)
+        self.names = tuple([name.lower() for name, _ in items])
         """The lower-cased names, in the order of ``items``."""
-        by_name: dict[str, list[str]] = {}
+        by_name: dict[str, tuple[str, ...]] = {}
+        repeated: dict[str, list[str]] = {}
         for name, (_, value) in zip(self.names, items, strict=True):
-            by_name.setdefault(name, []).append(value)
-        self.by_name = {name: tuple(values) for name, values in by_name.items()}
+            if name not in by_name:
+                by_name[name] = (value,)
+            elif name in repeated:
+                repeated[name].append(value)
+            else:
+                repeated[name] = [*by_name[name], value]
+        for name, values in repeated.items():
+            by_name[name] = tuple(values)
+        self.by_name = by_name
 
     def values(self, name: str) -> tuple[str, ...]:
         """Every ``name`` field's value, in order."""
@@ -154,28 +174,16 @@ def split_header_block(content: bytes) -> tuple[tuple[str, str], ...] | None:
     end = content.find(b"\r\n\r\n")
     if end < 0:
         return None
-    text = content[:end].decode("ascii", "surrogateescape")
-    single = text.replace("\r\n", "")
-    if "\r" in single or "\n" in single:
-        return None  # the parser also ends lines at a bare CR or LF
-    fields: list[tuple[str, str]] = []
-    name = ""
-    parts: list[str] = []
-    for line in text.split("\r\n"):
-        if line[:1] in {" ", "\t"}:
-            if not parts:
-                return None  # a continuation first: the parser drops it
-            parts.append(line)
-            continue
-        start = _FIELD_START.match(line)
-        if start is None:
-            return None  # the parser ends the header section here
-        if parts:
-            fields.append((name, "".join(parts)))
-        name = line[: start.end() - 1]
-        parts = [line[start.end() :].lstrip(" \t")]
-    if parts:
-        fields.append((name, "".join(parts)))
+    fields = []
+    for name, value, junk in _FIELD_OR_JUNK.findall(
+        content[: end + 2].decode("ascii", "surrogateescape")
+    ):
+        if junk:
+            # A continuation first, a line without a name, a bare CR or LF:
+            # the parser reads those otherwise.
+            return None
+        # Unfolded: the CRLFs of the folds go, the blanks after them stay.
+        fields.append((name, value.replace("\r\n", "") if "\r" in value else value))
     return tuple(fields)
 
 
@@ -233,9 +241,11 @@ def address_list(
     return found
 
 
+@functools.lru_cache(maxsize=_ADDRESS_CACHE_SIZE)
 def simple_mailboxes(text: str) -> tuple[Mailbox, ...] | None:
     """The mailboxes of a plain address list (``a@x.example, Name <b@y.example>``)
-    as the registry reads them, or ``None`` when ``text`` is anything else."""
+    as the registry reads them, or ``None`` when ``text`` is anything else.
+    Remembered: a sender writes the same From on every message."""
     if not is_plain(text):
         return None
     mailboxes = []
@@ -276,6 +286,7 @@ def _address_list_of(header: object) -> AddressList | Unreadable:
     )
 
 
+@functools.lru_cache(maxsize=_DATE_CACHE_SIZE)
 def parse_date(raw: str) -> datetime | None:
     """The Date as an aware datetime (no zone, "-0000", read as UTC), or ``None``.
 
@@ -283,6 +294,8 @@ def parse_date(raw: str) -> datetime | None:
     ``parsedate_to_datetime`` (a ValueError is its InvalidDateDefect), then only
     renders the result (``format_datetime``, which cannot fail on a datetime
     from ``parsedate_to_datetime``: whole-minute offsets under a day).
+    Remembered: a mailer sending many messages a second writes the same Date
+    on each of them.
     """
     if not raw:
         return None  # HeaderMissingRequiredValue

@@ -45,9 +45,9 @@ INVISIBLE = re.compile("[\u00ad\u034f\u200b-\u200d\u2060\ufeff]")
 # HTMLParser version agrees. Whitespace inside tags is ASCII only, attribute names
 # are plain, an unquoted value is HTMLParser's (up to whitespace or ">").
 _WS = "[\t\n\r\f ]"
-_TOKEN = re.compile(
-    r"([^<]+)"  # text
-    rf"|<(?:/([a-zA-Z][-.:_a-zA-Z0-9]*){_WS}*>"  # end tag
+# Text runs up to the next "<" (a plain search finds its end); at a "<", a tag.
+_TAG = re.compile(
+    rf"<(?:/([a-zA-Z][-.:_a-zA-Z0-9]*){_WS}*>"  # end tag
     rf"|([a-zA-Z][-.:_a-zA-Z0-9]*)"  # start tag: name
     rf"((?:{_WS}+[a-zA-Z_:@][-.:_@a-zA-Z0-9]*"  # attribute name
     rf"(?:{_WS}*={_WS}*(?:\"[^\"]*\"|'[^']*'|[^\s\"'>=][^\s>]*))?)*)"  # value
@@ -192,24 +192,32 @@ class HtmlText(HTMLParser):
         grammar, calling the handlers as HTMLParser would; return where it
         stopped: the end of the document or the start of a tag (HTMLParser reads
         the rest with the same result as if it had read everything)."""
-        match = _TOKEN.match
+        match = _TAG.match
+        find = document.find
         data = self.handle_data
+        endtag = self.handle_endtag
         size = len(document)
         done = 0
         while done < size:
+            if document[done] != "<":
+                # Text, as much as there is (HTMLParser gives it whole); html's
+                # unescape returns text without "&" as it is.
+                end = find("<", done)
+                if end < 0:
+                    end = size
+                text = document[done:end]
+                data(unescape(text) if "&" in text else text)
+                done = end
+                continue
             token = match(document, done)
             if token is None:
                 return done  # a "<" that does not start a tag of the grammar
-            kind = token.lastindex
-            if kind == 1:  # text (as much as there is: HTMLParser gives it whole)
-                data(unescape(token.group(1)))
+            closed = token.group(1)
+            if closed is not None:
+                endtag(closed.lower())
                 done = token.end()
                 continue
-            if kind == 2:
-                self.handle_endtag(token.group(2).lower())
-                done = token.end()
-                continue
-            name, attributes, empty = token.group(3, 4, 5)
+            name, attributes, empty = token.group(2, 3, 4)
             name = name.lower()
             attrs = _attributes(attributes) if attributes else []
             if empty:
@@ -413,7 +421,7 @@ class HtmlText(HTMLParser):
 
 
 def _attributes(source: str) -> list[tuple[str, str | None]]:
-    """The attributes of a start tag matched by ``_TOKEN``, as HTMLParser gives
+    """The attributes of a start tag matched by ``_TAG``, as HTMLParser gives
     them: names lower-cased, values unquoted and unescaped, ``None`` without a
     value."""
     return [

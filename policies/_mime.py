@@ -16,25 +16,39 @@ the same raw headers and leaf payloads) at a fraction of the cost:
 
 Preambles, epilogues and the content of ``message/*`` parts are not kept by the
 fast split (their payload is ``None``): nobody reads them here.
+
+:func:`fast_parts` is the same split without the tree: for the usual message (the
+shape :func:`fast_tree` splits, with Content-Type and Content-Disposition values
+of the usual shape) it lists the parts with what :mod:`policies.body` reads of
+them, and where their payloads lie, building no message object.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import Parser
 from itertools import pairwise
-from typing import TypeVar, overload
+from typing import NamedTuple, TypeVar, overload
 
 _T = TypeVar("_T")
 _MAX_FAST_DEPTH = 8
 """Nesting the fast path splits; deeper messages go to the stdlib parser."""
+_TEXT_TYPES = frozenset({"text/plain", "text/html"})
+"""The parts whose text is read (their disposition matters)."""
+_CACHE_SIZE = 1024
+"""Distinct Content-Type values remembered across messages."""
 
 # A header field: a name of printable ASCII but ":" (what the feed parser takes
 # for one; no "From " line), then its value lines.
 _FIELD = re.compile(r"([!-9;-~]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
+# The same, or one character that cannot start one (the split then gives up).
+_FIELD_OR_JUNK = re.compile(
+    r"([!-9;-~]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)|(.)", re.DOTALL
+)
 
 
 # Content-Type and Content-Disposition values of the usual shape, read here as
@@ -62,22 +76,33 @@ def raw_header(part: Message, name: str) -> str | None:
     return None
 
 
-def _plain_parameters(raw: str) -> tuple[str, list[tuple[str, str]]] | None:
+Parameters = tuple[tuple[str, str], ...]
+"""(name, unquoted value) pairs, names in lower case, in order."""
+
+
+def _plain_parameters(raw: str) -> tuple[str, Parameters] | None:
     """The content type and (name, unquoted value) parameters of a Content-Type
     value of the usual shape, or ``None``."""
     if hasattr(raw, "params"):
         return None  # a policy.default header object, already parsed
+    return _plain_content_type(str(raw))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _plain_content_type(raw: str) -> tuple[str, Parameters] | None:
+    """:func:`_plain_parameters` of a string, remembered: a mailer writes the
+    same few Content-Type values on every message (boundaries aside)."""
     plain = _PLAIN_CONTENT_TYPE.fullmatch(raw)
     if plain is None:
         return None
-    params = [
+    params = tuple(
         (name.lower(), value[1:-1] if value.startswith('"') else value)
         for name, value in _PARAMETER.findall(plain.group(2))
-    ]
+    )
     return plain.group(1).lower(), params
 
 
-def _only(params: list[tuple[str, str]], name: str) -> tuple[bool, str | None]:
+def _only(params: Parameters, name: str) -> tuple[bool, str | None]:
     """(True, value) if parameter ``name`` is there at most once."""
     values = [value for key, value in params if key == name]
     return len(values) <= 1, values[0] if values else None
@@ -261,3 +286,116 @@ def _delimiters(
             return found if len(found) > 1 else None
         if line_end == end:
             return None  # a delimiter that ends the input
+
+
+# -- the split without the tree ---------------------------------------------------
+
+
+class FastPart(NamedTuple):
+    """One part of :func:`fast_parts`: what ``policies.body.extract`` reads of it."""
+
+    ctype: str
+    """``get_content_type()``: a ``multipart/*`` or ``message/*`` part has no
+    payload here (its parts follow it; an attached message is not read)."""
+    charset: str | None
+    """As :func:`content_type` gives it."""
+    disposition: str | None
+    """:func:`disposition`, for text parts only (``None`` for the others)."""
+    cte: str | None
+    """The raw Content-Transfer-Encoding value as stored, or ``None``."""
+    start: int
+    end: int
+    """``text[start:end]`` is the payload, as ``fast_tree`` stores it."""
+
+
+# The headers read of each part, by the length of their names: a cheap first test.
+_READ_NAMES = {
+    12: "content-type",
+    19: "content-disposition",
+    25: "content-transfer-encoding",
+}
+
+
+def fast_parts(text: str, *, crlf_only: bool = False) -> list[FastPart] | None:
+    """The parts :func:`fast_tree` splits ``text`` into, depth first and parents
+    first (the order ``policies.body.extract`` reads them), or ``None`` when it
+    would not split ``text``, or when a Content-Type or Content-Disposition value
+    is not of the usual shape (read through :func:`mime_tree` then).
+    ``crlf_only``: the caller knows that no line of ``text`` ends otherwise."""
+    if not crlf_only:
+        lines = text.count("\n")
+        if text.count("\r") != lines or text.count("\r\n") != lines:
+            return None
+    found: list[FastPart] = []
+    return found if _fast_part(text, 0, len(text), 0, found) else None
+
+
+def _fast_part(
+    text: str, start: int, end: int, depth: int, out: list[FastPart]
+) -> bool:
+    """:func:`_part` without the ``Part``: append the part (and its parts) to
+    ``out``; False where ``_part`` gives ``None`` (or a value is unusual)."""
+    read: dict[str, str] = {}
+    if text.startswith("\r\n", start, end):
+        body = start + 2
+    else:
+        blank = text.find("\r\n\r\n", start, end)
+        if blank < 0:
+            return False
+        for name, value, junk in _FIELD_OR_JUNK.findall(text, start, blank + 2):
+            if junk:
+                return False
+            wanted = _READ_NAMES.get(len(name))
+            if wanted is not None and wanted not in read and name.lower() == wanted:
+                read[wanted] = value.lstrip(" \t").rstrip("\r\n")
+        body = blank + 4
+    raw_type = read.get("content-type")
+    params: Parameters = ()
+    if raw_type is None:
+        ctype, charset = "text/plain", None  # Part's default type
+    else:
+        plain = _plain_parameters(raw_type)
+        if plain is None:
+            return False
+        ctype, params = plain
+        single, charset = _only(params, "charset")
+        if not single:
+            return False
+        charset = _charset_name(charset)
+    maintype = ctype.partition("/")[0]
+    if maintype == "message":
+        out.append(FastPart(ctype, charset, None, None, 0, 0))
+        return True
+    if maintype == "multipart":
+        if ctype == "multipart/digest" or depth >= _MAX_FAST_DEPTH:
+            return False
+        single, boundary = _only(params, "boundary")
+        if not single or not boundary:
+            return False  # the stdlib's reading decides (see boundary_of)
+        boundary = boundary.rstrip()
+        if not boundary or "\r" in boundary or "\n" in boundary:
+            return False
+        delimiters = _delimiters(text, "--" + boundary, body, end)
+        if delimiters is None:
+            return False
+        out.append(FastPart(ctype, charset, None, None, 0, 0))
+        return all(
+            _fast_part(text, after, before, depth + 1, out)
+            for (_, after), (before, _) in pairwise(delimiters)
+        )
+    dispose = None
+    if ctype in _TEXT_TYPES:
+        raw_disposition = read.get("content-disposition")
+        if raw_disposition is not None:
+            plain_disposition = _PLAIN_DISPOSITION.fullmatch(raw_disposition)
+            if plain_disposition is None:
+                return False
+            dispose = plain_disposition.group(1).lower()
+    if depth and end - body >= 2 and text.startswith("\r\n", end - 2, end):
+        end -= 2  # RFC 2046 5.1.1: the CRLF belongs to the delimiter
+    out.append(
+        FastPart(
+            ctype, charset, dispose, read.get("content-transfer-encoding"), body, end
+        )
+    )
+    return True

@@ -8,6 +8,10 @@ bare URLs in plain text with their line. Attachments, non-text parts and attache
 messages (``message/*``: someone else's mail) are skipped. Nothing here raises on
 broken MIME: what could not be read is named in :attr:`Body.problems`.
 
+:func:`extract` reads a tree of message objects; :func:`read_body` reads the usual
+message from its bytes without building one (:func:`policies._mime.fast_parts`),
+with the same result, and gives any other to :func:`extract`.
+
 HTML is read by :mod:`policies._html`. Deciding what the text and links mean is
 left to the checks (:mod:`policies.optout_link`,
 :mod:`policies.content_categories`).
@@ -24,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from email.errors import MessageError
 from email.message import Message
+from typing import Any
 
 from policies._html import (
     CONTEXT_CHARS,
@@ -33,7 +38,7 @@ from policies._html import (
     sanitize_html,
     squash,
 )
-from policies._mime import content_type, disposition, mime_tree
+from policies._mime import FastPart, content_type, disposition, fast_parts, mime_tree
 from policies.base import MessageLike
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "extract",
     "fold",
     "load_body",
+    "read_body",
     "sanitize_html",
 ]
 
@@ -126,7 +132,12 @@ class Body:
 
 def body_of(message: MessageLike) -> Body:
     """The body of ``message``, extracted on first use and shared by every check."""
-    return message.memo(MEMO_KEY, lambda: extract(mime_tree(message.content)))
+    # A policy worker's view knows its lines end in CRLF (the relay refused
+    # others): the split need not count line ends again.
+    crlf_only = getattr(message, "crlf_only", False) is True
+    return message.memo(
+        MEMO_KEY, lambda: read_body(message.content, crlf_only=crlf_only)
+    )
 
 
 async def load_body(message: MessageLike) -> Body:
@@ -205,7 +216,12 @@ def _visit(part: Message, depth: int, number: int, out: _Collector) -> list[Mess
     elif ctype not in _TEXT_TYPES or disposition(part) == "attachment":
         return []
     label = f"part {number} ({ctype})"
-    source = _decode(part, charset, label, out)
+    _read_source(_decode(part, charset, label, out), ctype, label, out)
+    return []
+
+
+def _read_source(source: str, ctype: str, label: str, out: _Collector) -> None:
+    """Read the decoded text of a text/html or text/plain part."""
     if len(source) > MAX_PART_SOURCE_CHARS:
         out.problem(
             f"{label}: {len(source)} characters, only the first and last "
@@ -217,7 +233,6 @@ def _visit(part: Message, depth: int, number: int, out: _Collector) -> list[Mess
         _read_html(source, label, out)
     else:
         _read_plain(source, label, out)
-    return []
 
 
 def _decode(part: Message, charset: str | None, label: str, out: _Collector) -> str:
@@ -231,6 +246,14 @@ def _decode(part: Message, charset: str | None, label: str, out: _Collector) -> 
     if not isinstance(raw, bytes):
         return ""
     defects = {type(d).__name__ for d in part.defects}
+    return _text_of(raw, defects, charset, label, out)
+
+
+def _text_of(
+    raw: bytes, defects: set[str], charset: str | None, label: str, out: _Collector
+) -> str:
+    """The text of a part's transfer-decoded payload ``raw``, by its charset;
+    ``defects``: the names of those its transfer decoding met."""
     if defects & _BAD_BASE64:
         out.problem(f"{label}: damaged base64, decoded what could be")
         if "InvalidBase64LengthDefect" in defects:
@@ -249,6 +272,68 @@ def _decode(part: Message, charset: str | None, label: str, out: _Collector) -> 
         # LookupError: no such codec, or not a text codec ("base64", "zlib").
         out.problem(f"{label}: unknown charset {charset[:40]!r}, read as UTF-8")
         return raw.decode("utf-8", "replace")
+
+
+def read_body(content: bytes, *, crlf_only: bool = False) -> Body:
+    """``extract(mime_tree(content))``, the body of the message ``content``: the
+    usual message read from the parts of :func:`policies._mime.fast_parts`
+    (decoded and read as :func:`extract` does, with no message object), any
+    other through the tree. ``crlf_only``: every line of ``content`` is known
+    to end with CRLF."""
+    text = content.decode("ascii", "surrogateescape")  # as BytesParser does
+    parts = fast_parts(text, crlf_only=crlf_only)
+    if parts is not None:
+        found = _extract_parts(content, text, parts)
+        if found is not None:
+            return found
+    return extract(mime_tree(content))
+
+
+def _extract_parts(content: bytes, text: str, parts: list[FastPart]) -> Body | None:
+    """:func:`extract` of the tree ``fast_tree(text)`` would give, from its
+    parts; ``None`` for a Content-Transfer-Encoding value with 8-bit bytes (the
+    tree reads it as a header object)."""
+    out = _Collector()
+    for number, part in enumerate(parts, 1):
+        # _visit: attached messages, multiparts (their parts follow), other
+        # types and attachments have no text to read.
+        if part.ctype not in _TEXT_TYPES or part.disposition == "attachment":
+            continue
+        cte = part.cte
+        if cte is not None and not cte.isascii():
+            return None
+        label = f"part {number} ({part.ctype})"
+        try:
+            # _decode: "base64 " reads as "base64", in any case.
+            raw, defects = _transfer_decoded(
+                content, text, part, "" if cte is None else cte.strip().lower()
+            )
+            source = _text_of(raw, defects, part.charset, label, out)
+            _read_source(source, part.ctype, label, out)
+        except _PART_ERRORS as exc:
+            out.problem(f"part {number}: unreadable ({type(exc).__name__})")
+    return out.body()
+
+
+_TRANSFER_DECODED = frozenset(
+    {"quoted-printable", "base64", "x-uuencode", "uuencode", "uue", "x-uue"}
+)
+"""The encodings ``Message.get_payload(decode=True)`` decodes; it gives the
+payload's bytes as they are for any other."""
+
+
+def _transfer_decoded(
+    content: bytes, text: str, part: FastPart, cte: str
+) -> tuple[bytes, set[str]]:
+    """``get_payload(decode=True)`` of the leaf ``part`` (its bytes, decoded by
+    the lower-cased ``cte``) and the names of the defects that registers."""
+    if cte not in _TRANSFER_DECODED:
+        return content[part.start : part.end], set()
+    leaf = Message()
+    leaf.set_raw("Content-Transfer-Encoding", cte)
+    leaf.set_payload(text[part.start : part.end])
+    raw: Any = leaf.get_payload(decode=True)
+    return raw, {type(d).__name__ for d in leaf.defects}
 
 
 def _salvage_base64(encoded: bytes) -> bytes:

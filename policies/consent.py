@@ -29,6 +29,8 @@ from policies.settings import parse_settings
 from storage.base import ConsentRecord, ConsentStore, OptInType
 
 _NOTE = "consent:"
+_RANK = {opt_in: opt_in.rank for opt_in in OptInType}
+"""``OptInType.rank``, looked up (the property lists the members each time)."""
 
 
 class ConsentSettings(BaseModel):
@@ -97,7 +99,7 @@ class Consent:
             )
         if self._settings.accept_relationship and record.relationship:
             return None
-        if record.opt_in.rank < required.rank:
+        if _RANK[record.opt_in] < _RANK[required]:
             return (
                 "consent_too_weak",
                 f"consent is {record.opt_in.value} opt-in; marketing needs "

@@ -97,13 +97,15 @@ class PhraseMatcher:
     """Finds whole-word phrases in a list of words, in time linear in the words.
 
     Built once per configuration. Matching intersects the text's words with the
-    phrases' first words (a set operation in C), then checks only those positions;
-    of phrases that overlap, the longest leftmost one counts ("online casino", not
-    also "casino").
+    phrases' words (a set operation in C); only phrases whose words all occur in
+    the text can match, and only where their first word is; of phrases that
+    overlap, the longest leftmost one counts ("online casino", not also
+    "casino"). When no phrase of two words or more can match, the phrases cannot
+    overlap and their occurrences are counted as they are.
     """
 
     def __init__(self, phrases: Sequence[str]) -> None:
-        self._by_first: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+        by_first: dict[str, list[tuple[tuple[str, ...], int]]] = {}
         folded = [words(phrase) for phrase in phrases]
         self.split: Callable[[str], list[str]] = (
             ascii_words if all(w.isascii() for p in folded for w in p) else words
@@ -111,29 +113,64 @@ class PhraseMatcher:
         """How texts are cut into words for :meth:`count`."""
         for index, phrase_words in enumerate(folded):
             for variant in _variants(tuple(phrase_words)):
-                self._by_first.setdefault(variant[0], []).append((variant, index))
-        for candidates in self._by_first.values():
+                by_first.setdefault(variant[0], []).append((variant, index))
+        self._by_first: dict[
+            str, list[tuple[tuple[str, ...], int, frozenset[str]]]
+        ] = {}
+        for first, candidates in by_first.items():
             candidates.sort(key=lambda item: -len(item[0]))
-        self._firsts = frozenset(self._by_first)
+            self._by_first[first] = [
+                (phrase, index, frozenset(phrase[1:])) for phrase, index in candidates
+            ]
+        self._words = frozenset(
+            word
+            for candidates in by_first.values()
+            for p, _ in candidates
+            for word in p
+        )
 
     def count(self, text_words: list[str]) -> dict[int, int]:
         """Occurrences of each phrase (by index) in ``text_words`` (cut by
         :attr:`split`)."""
+        present = self._words.intersection(text_words)
+        if not present:
+            return {}
+        # The phrases that can match, by first word, longest first.
+        viable: list[tuple[str, list[tuple[tuple[str, ...], int]]]] = []
+        overlapping = False
+        for first in present:
+            candidates = self._by_first.get(first)
+            if candidates is None:
+                continue
+            usable = [
+                (phrase, index)
+                for phrase, index, rest in candidates
+                if rest <= present  # every other word is in the text
+            ]
+            if usable:
+                viable.append((first, usable))
+                overlapping = overlapping or len(usable[0][0]) > 1
+        counts: dict[int, int] = {}
+        if not overlapping:
+            # One-word phrases only: each occurrence of the first word is the
+            # first candidate's (a later one is the same word, not kept).
+            for first, usable in viable:
+                index = usable[0][1]
+                counts[index] = counts.get(index, 0) + text_words.count(first)
+            return counts
         found: list[tuple[int, int, int]] = []  # (start, -length, phrase index)
-        for first in self._firsts.intersection(text_words):
-            candidates = self._by_first[first]
+        for first, usable in viable:
             start = -1
             while True:
                 try:
                     start = text_words.index(first, start + 1)
                 except ValueError:
                     break
-                for phrase, index in candidates:
+                for phrase, index in usable:
                     end = start + len(phrase)
                     if len(phrase) == 1 or tuple(text_words[start:end]) == phrase:
                         found.append((start, -len(phrase), index))
                         break
-        counts: dict[int, int] = {}
         reached = 0
         for start, negative_length, index in sorted(found):
             if start < reached:

@@ -80,9 +80,12 @@ class Pipeline:
     ) -> None:
         self._checks = tuple(checks)
         self._observer = observer
-        self._stages = frozenset(
-            stage for policy, _ in self._checks for stage in policy.stages
-        )
+        self._at: dict[Stage, tuple[tuple[Policy, PolicySettings], ...]] = {
+            stage: tuple(c for c in self._checks if stage in c[0].stages)
+            for stage in Stage
+        }
+        """The checks of each stage, in order."""
+        self._stages = frozenset(stage for stage, at in self._at.items() if at)
 
     def runs_at(self, stage: Stage) -> bool:
         """True if any check runs at ``stage`` (callers skip building a context)."""
@@ -119,10 +122,36 @@ class Pipeline:
         """
         decided: StageResult | None = None
         dropped: dict[str, tuple[str, Verdict]] = {}
-        for policy, settings in self._checks:
-            if ctx.stage not in policy.stages:
-                continue
-            verdict = await self._one(policy, settings, ctx)
+        for policy, settings in self._at[ctx.stage]:
+            # (One check, inline: this loop runs for every recipient and message.)
+            started = time.monotonic()
+            error: Exception | None = None
+            try:
+                # The check runs under asyncio.timeout; but one that ends without
+                # suspending (in-memory work, a synchronous indexed lookup) arms
+                # no timer: a timeout could not have interrupted it anyway, and
+                # arming one costs more than many checks do.
+                check = policy.check(ctx)
+                try:
+                    waiting_on = check.send(None)
+                except StopIteration as done:
+                    verdict: Verdict = done.value
+                else:
+                    async with asyncio.timeout(settings.timeout_seconds):
+                        verdict = await _Resumed(check, waiting_on)
+            except Exception as exc:  # noqa: BLE001 - pipeline boundary: fail closed
+                error = exc
+                verdict = self._on_error(policy, settings, exc)
+            self._observer(
+                Observation(  # positional: one per check of every message
+                    policy.name,
+                    ctx.stage,
+                    verdict,
+                    settings.mode,
+                    time.monotonic() - started,
+                    error,
+                )
+            )
             if (
                 verdict.outcome is Outcome.PASS
                 or settings.mode is not Mode.ENFORCE
@@ -143,49 +172,15 @@ class Pipeline:
                 break
         return decided or StageResult(PASS, None, dropped)
 
-    async def _one(
-        self, policy: Policy, settings: PolicySettings, ctx: PolicyContext
-    ) -> Verdict:
-        started = time.monotonic()
-        error: BaseException | None = None
-        try:
-            verdict = await _within(policy.check(ctx), settings.timeout_seconds)
-        except TimeoutError as exc:
-            error = exc
-            verdict = self._on_error(policy, settings, "timed out")
-        except Exception as exc:  # noqa: BLE001 - pipeline boundary: fail closed
-            error = exc
-            verdict = self._on_error(policy, settings, "failed")
-        self._observer(
-            Observation(
-                policy=policy.name,
-                stage=ctx.stage,
-                verdict=verdict,
-                mode=settings.mode,
-                duration_seconds=time.monotonic() - started,
-                error=error,
-            )
-        )
-        return verdict
-
     @staticmethod
-    def _on_error(policy: Policy, settings: PolicySettings, what: str) -> Verdict:
+    def _on_error(
+        policy: Policy, settings: PolicySettings, error: Exception
+    ) -> Verdict:
+        """What a check that raised ``error`` (or timed out) yields."""
         if settings.on_error is OnError.PASS:
             return PASS
+        what = "timed out" if isinstance(error, TimeoutError) else "failed"
         return defer(POLICY_ERROR, f"policy {policy.name} {what}; try again later")
-
-
-async def _within(check: Coroutine[Any, Any, T], seconds: float) -> T:
-    """``await check`` under ``asyncio.timeout(seconds)``; but a check that ends
-    without suspending (in-memory work, a synchronous indexed lookup) arms no
-    timer: a timeout could not have interrupted it anyway, and arming one costs
-    more than many checks do."""
-    try:
-        waiting_on = check.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    async with asyncio.timeout(seconds):
-        return await _Resumed(check, waiting_on)
 
 
 class _Resumed(Generic[T]):

@@ -19,7 +19,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 from typing import Any
@@ -256,9 +256,7 @@ class SenderDomains:
         # Some readers show a comment as the sender's name: "x@acme.example
         # (support@paypal.com)" is the same trick as a display name.
         for text in (mailbox.display_name, *_COMMENT.findall(values[0])):
-            verdict = self._check_display_name(
-                "From", replace(mailbox, display_name=text), account
-            )
+            verdict = self._check_display_name("From", text, account)
             if verdict is not None:
                 return verdict
         return None
@@ -327,17 +325,17 @@ class SenderDomains:
                 f"{name} domain {mailbox.domain} is not a domain of account "
                 f"{account.name} nor in its allowed_senders{self._alignment_note()}",
             )
-        return self._check_display_name(name, mailbox, account)
+        return self._check_display_name(name, mailbox.display_name, account)
 
     def _check_display_name(
-        self, name: str, mailbox: _Mailbox, account: _Account
+        self, name: str, display_name: str, account: _Account
     ) -> Verdict | None:
         """A display name must not name a domain that is not the account's.
 
         Any domain of the account's organisations may be named, whatever the
         alignment: "Shop at www.acme.example" impersonates no one.
         """
-        for domain in _named_domains(mailbox.display_name):
+        for domain in _named_domains(display_name):
             if not self._owned_or_allowed(domain, account, relaxed=True):
                 return refuse(
                     "display_name_spoofing",

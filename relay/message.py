@@ -26,6 +26,10 @@ _CONTENT_TYPE = re.compile(rb"(?im)^content-type[ \t]*:((?:[^\r\n]*(?:\r\n[ \t])
 _MULTIPART = re.compile(rb"(?i)^\s*multipart\s*/")
 
 
+_BLANKS_COLON = re.compile(rb"[ \t]*:")
+_LF = ord("\n")
+
+
 def header_block_end(content: bytes) -> int:
     """Offset of the body (just after the blank line), or ``len(content)``."""
     if content.startswith(b"\r\n"):
@@ -39,23 +43,30 @@ class MessageView:
 
     __slots__ = (
         "_headers",
+        "_lowered",
         "_memo",
         "_parsed",
         "body_offset",
         "content",
+        "crlf_only",
         "problem",
         "size_bytes",
     )
 
     def __init__(self, content: bytes, *, checked: bool = False) -> None:
-        """``checked``: the relay already found no structural problem in
-        ``content`` (a policy worker gets only such messages): not looked again."""
+        """``checked``: the relay already found no problem in ``content`` (the
+        checks of ``relay.smtp_handler.check_data``: no NUL, no bare CR or LF,
+        and no structural :attr:`problem`; a policy worker gets only such
+        messages): not looked again."""
         self.content = content
         self.size_bytes = len(content)
         self.body_offset = header_block_end(content)
         self._headers: EmailMessage | None = None
         self._parsed: EmailMessage | None = None
+        self._lowered: bytes | None = None
         self._memo: dict[str, Any] = {}
+        self.crlf_only = checked
+        """Known to end every line with CRLF (``checked``); else not looked at."""
         self.problem = None if checked else self._find_problem()
 
     @classmethod
@@ -88,11 +99,9 @@ class MessageView:
         """The unfolded value of the first ``name`` header, or ``None`` (a scan,
         not a parse: cheap enough for the hot path)."""
         block = self.content[: self.body_offset]
-        pattern = rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
-        found = re.search(pattern, block)
-        if found is None:
+        end = self._value_start(block, name.encode("ascii"))
+        if end < 0:
             return None
-        end = found.end()
         value = bytearray()
         while True:
             line_end = block.find(b"\r\n", end)
@@ -103,6 +112,24 @@ class MessageView:
             if block[end : end + 1] not in (b" ", b"\t"):
                 break
         return bytes(value).decode("utf-8", "replace").strip()
+
+    def _value_start(self, block: bytes, name: bytes) -> int:
+        """Where the value of the first ``name`` field of ``block`` starts, or
+        -1: the end of what ``(?im)^name[ \\t]*:`` finds, found with plain
+        searches in the lower-cased block (a bytes pattern ignores the case of
+        ASCII letters only, as ``bytes.lower`` changes them only)."""
+        if self._lowered is None:
+            self._lowered = block.lower()
+        lowered = self._lowered
+        needle = name.lower()
+        at = lowered.find(needle)
+        while at >= 0:
+            if at == 0 or lowered[at - 1] == _LF:
+                found = _BLANKS_COLON.match(block, at + len(needle))
+                if found is not None:
+                    return found.end()
+            at = lowered.find(needle, at + 1)
+        return -1
 
     def without_header(self, name: str) -> bytes:
         """The message with every ``name`` header (and its folded lines) removed."""

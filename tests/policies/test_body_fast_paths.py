@@ -472,6 +472,123 @@ def test_generated_messages_give_the_body_of_the_full_parse(text: str) -> None:
     assert body_of(MessageView(content)) == full_path(content)
 
 
+# -- the split without the tree ---------------------------------------------------
+
+_USUAL_CTYPES = [
+    "text/plain",
+    "text/plain; charset=utf-8",
+    "TEXT/PLAIN; CHARSET=UTF-8",
+    'text/html; charset="iso-8859-1"',
+    "text/html;\r\n\tcharset=utf-8",
+    "text/html; charset=windows-1252; format=flowed",
+    'text/plain; charset=""',
+    "text/plain; charset=no-such-charset",
+    "text/plain; charset=base64",
+    "image/png",
+    "message/rfc822",
+    "application/octet-stream",
+]
+_USUAL_CTES = [
+    None,
+    "7bit",
+    "8bit",
+    "base64",
+    "quoted-printable",
+    "Base64",
+    "base64 ",
+    " Quoted-Printable\r\n ",
+    "x-uue",
+    "binary",
+    "bäse64",
+]
+_USUAL_DISPOSITIONS = [None, "inline", "attachment", 'attachment; filename="a.txt"']
+_USUAL_LINES = [
+    *_LINES,
+    "aGVsbG8gaHR0cHM6Ly9hLmV4YW1wbGUv=",
+    "aGVsbG8",
+    "aGVs!bG8=",
+    "=E9t=E9 https://acme.example/d=C3=A9sabonner",
+    "caf\xe9",
+]
+usual_leaves = st.builds(
+    Leaf,
+    st.sampled_from([None, *_USUAL_CTYPES]),
+    st.sampled_from(_USUAL_CTES),
+    st.sampled_from(_USUAL_DISPOSITIONS),
+    st.lists(st.sampled_from(_USUAL_LINES), max_size=4),
+)
+usual_trees = st.recursive(
+    usual_leaves,
+    lambda children: st.builds(
+        Multi,
+        st.sampled_from(["alternative", "mixed", "related"]),
+        st.sampled_from(["b", "b1", "=_Part_1", "----=_x", "B"]),
+        st.booleans(),
+        st.lists(children, min_size=1, max_size=3),
+        st.lists(st.sampled_from(_LINES), max_size=2),
+        st.lists(st.sampled_from(_LINES), max_size=2),
+        st.booleans() | st.just(True),
+        st.sampled_from(["", "", " "]),
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def usual_messages(draw: st.DrawFn) -> bytes:
+    """Messages mostly of the shape :func:`fast_parts` reads, 8-bit bytes too."""
+    text = HEAD + draw(usual_trees).render("\r\n")
+    return text.encode("utf-8") if draw(st.booleans()) else text.encode("latin-1")
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(usual_messages())
+def test_the_body_read_without_the_tree_is_the_body_of_the_tree(content: bytes) -> None:
+    decoded = content.decode("ascii", "surrogateescape")
+    parts = _mime.fast_parts(decoded)
+    event("fast" if parts is not None else "tree")
+    if parts is not None:
+        assert fast_tree(decoded) is not None
+    assert body_module.read_body(content) == extract(mime_tree(content))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages())
+def test_the_parts_read_without_the_tree_are_the_tree_s(text: str) -> None:
+    content = text.encode()
+    decoded = content.decode("ascii", "surrogateescape")
+    parts = _mime.fast_parts(decoded)
+    if parts is not None:
+        assert fast_tree(decoded) is not None
+    assert body_module.read_body(content) == extract(mime_tree(content))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(usual_messages())
+def test_a_policy_worker_s_view_reads_the_body_of_the_full_parse(
+    content: bytes,
+) -> None:
+    """A worker's view (``checked``: lines end in CRLF, the relay refused the
+    others) skips counting line ends; the body is the same."""
+    assert body_of(MessageView(content, checked=True)) == full_path(content)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_the_corpus_reads_the_same_without_the_tree(name: str) -> None:
+    content = CORPUS[name].encode()
+    assert body_module.read_body(content) == extract(mime_tree(content))
+
+
+def test_the_newsletter_is_read_without_the_tree() -> None:
+    parts = _mime.fast_parts(CORPUS["alternative"])
+    assert parts is not None
+    assert [part.ctype for part in parts] == [
+        "multipart/alternative",
+        "text/plain",
+        "text/html",
+    ]
+
+
 # -- headers ----------------------------------------------------------------------
 
 _CONTENT_TYPE_PIECES = [

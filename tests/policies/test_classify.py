@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import MessageKind
 from policies.classify import CategoryError, classify
+from relay.message import MessageView
 
 
 def lookup(**headers: str):  # type: ignore[no-untyped-def]
@@ -61,3 +64,54 @@ def test_any_category_value_classifies_or_raises_category_error(value: str) -> N
         assert value.strip().lower() not in {"marketing", "transactional"}
     else:
         assert result.reason == "header"
+
+
+def reference_header(content: bytes, name: str) -> str | None:
+    """How ``MessageView.header`` read a field before: one regex search."""
+    block = content[: MessageView(content).body_offset]
+    pattern = rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:"
+    found = re.search(pattern, block)
+    if found is None:
+        return None
+    end = found.end()
+    value = bytearray()
+    while True:
+        line_end = block.find(b"\r\n", end)
+        if line_end < 0:
+            line_end = len(block)
+        value += block[end:line_end]
+        end = line_end + 2
+        if block[end : end + 1] not in (b" ", b"\t"):
+            break
+    return bytes(value).decode("utf-8", "replace").strip()
+
+
+_HEADER_PIECES = [
+    b"List-Unsubscribe",
+    b"list-unsubscribe",
+    b"LIST-UNSUBSCRIBE",
+    b"X-List-Unsubscribe",
+    b"List-Unsubscribe-Post",
+    b"Subject",
+    b":",
+    b" ",
+    b"\t",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"<https://a.example/u>",
+    b"x",
+    b"\xc4",
+    b"\r\n\r\n",
+]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.sampled_from(_HEADER_PIECES), max_size=20).map(b"".join),
+    st.sampled_from(["List-Unsubscribe", "Subject", "list-unsubscribe", "X"]),
+)
+def test_a_header_reads_as_the_regex_search_read_it(content: bytes, name: str) -> None:
+    view = MessageView(content)
+    assert view.header(name) == reference_header(content, name)
+    assert view.header(name) == reference_header(content, name)  # lowered once
