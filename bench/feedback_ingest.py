@@ -61,6 +61,7 @@ from run import (
     RelayTarget,
     Samples,
     exit_on_sigterm,
+    fmt,
     relay_usable,
 )
 
@@ -495,7 +496,7 @@ async def measure(
         part = captured[number * args.messages : (number + 1) * args.messages]
         figures = await bounces(relay, part, args.concurrency)
         print(
-            f"   DSN run {number + 1}: {_fmt(figures.per_s)}/s, {figures.status}",
+            f"   DSN run {number + 1}: {fmt(figures.per_s)}/s, {figures.status}",
             flush=True,
         )
         dsn_runs.append(figures)
@@ -505,8 +506,7 @@ async def measure(
             relay, number, args.events, args.batch, args.api_concurrency
         )
         print(
-            f"   API run {number + 1}: {_fmt(figures.per_s)} events/s, "
-            f"{figures.status}",
+            f"   API run {number + 1}: {fmt(figures.per_s)} events/s, {figures.status}",
             flush=True,
         )
         api_runs.append(figures)
@@ -514,10 +514,6 @@ async def measure(
 
 
 # -- report --------------------------------------------------------------------
-
-
-def _fmt(value: float | None, digits: int = 0) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def print_table(results: list[Figures]) -> None:
@@ -529,16 +525,16 @@ def print_table(results: list[Figures]) -> None:
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.channel:<15}{r.items:>8,}{r.requests:>9,}{_fmt(r.seconds, 2):>9}"
-            f"{_fmt(r.per_s):>9}{_fmt(r.p50_ms, 1):>8}{_fmt(r.p99_ms, 1):>8}"
-            f"{_fmt(r.relay_cpu_ms_per_item, 3):>18}  {r.status}"
+            f"{r.channel:<15}{r.items:>8,}{r.requests:>9,}{fmt(r.seconds, 2):>9}"
+            f"{fmt(r.per_s):>9}{fmt(r.p50_ms, 1):>8}{fmt(r.p99_ms, 1):>8}"
+            f"{fmt(r.relay_cpu_ms_per_item, 3):>18}  {r.status}"
         )
     for r in results:
         lines = [f"recorded (relay metrics): {r.recorded:,} of {r.items:,}"]
         if len(r.runs_per_s) > 1:
             lines.append(
                 "items/s per run: "
-                + ", ".join(_fmt(v) for v in r.runs_per_s)
+                + ", ".join(fmt(v) for v in r.runs_per_s)
                 + (" (median shown)" if r.status == "ok" else "")
             )
         if r.client_cpu_pct is not None:

@@ -694,7 +694,7 @@ def measure_interleaved(
                     continue
                 print(
                     f"-- run {number + 1}/{args.repeat} {m.target.name}: {run.status}: "
-                    f"delivered/s {_fmt(run.delivered_per_s)} "
+                    f"delivered/s {fmt(run.delivered_per_s)} "
                     f"({time.monotonic() - started:.0f}s)",
                     flush=True,
                 )
@@ -767,11 +767,11 @@ def _tracking_figures(figures: Figures, target: RelayTarget, accepted: int) -> N
     figures.tracking_rows = rows
     wanted = accepted if target.reputation else 0
     figures.notes.append(
-        f"tracking rows (sent_messages): {_fmt(rows)} for {accepted:,} messages "
+        f"tracking rows (sent_messages): {fmt(rows)} for {accepted:,} messages "
         f"accepted (warm-up included); expected {wanted:,}"
     )
     if rows != wanted and figures.status == "ok":
-        figures.status = f"failed: {_fmt(rows)} tracking rows, expected {wanted:,}"
+        figures.status = f"failed: {fmt(rows)} tracking rows, expected {wanted:,}"
 
 
 def _representative(runs: list[Figures], notes: list[str]) -> Figures:
@@ -787,7 +787,7 @@ def _representative(runs: list[Figures], notes: list[str]) -> Figures:
     if len(runs) > 1:
         chosen.notes.append(
             "delivered/s per run: "
-            + ", ".join(_fmt(r.delivered_per_s) for r in runs)
+            + ", ".join(fmt(r.delivered_per_s) for r in runs)
             + (" (first failed run shown)" if failed else " (median shown)")
         )
     return chosen
@@ -843,7 +843,8 @@ def _fill(
 # -- report -------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
+def fmt(value: float | None, digits: int = 0) -> str:
+    """A figure for the tables (``n/a`` when missing)."""
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
@@ -856,9 +857,9 @@ def print_table(results: list[Figures]) -> None:
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.target:<15}{_fmt(r.accepted_per_s):>11}{_fmt(r.delivered_per_s):>12}"
-            f"{_fmt(r.p50_ms, 1):>9}{_fmt(r.p99_ms, 1):>9}"
-            f"{_fmt(r.cpu_ms_per_msg, 2):>11}{_fmt(r.peak_rss_mib, 1):>13}"
+            f"{r.target:<15}{fmt(r.accepted_per_s):>11}{fmt(r.delivered_per_s):>12}"
+            f"{fmt(r.p50_ms, 1):>9}{fmt(r.p99_ms, 1):>9}"
+            f"{fmt(r.cpu_ms_per_msg, 2):>11}{fmt(r.peak_rss_mib, 1):>13}"
             f"{r.failed:>8}  {r.status}"
         )
 
@@ -932,7 +933,7 @@ def print_notes(results: list[Figures]) -> None:
         if r.txn_p50_ms is not None:
             lines.append(
                 f"whole transaction (MAIL..250): p50 {r.txn_p50_ms:.1f} ms, "
-                f"p99 {_fmt(r.txn_p99_ms, 1)} ms"
+                f"p99 {fmt(r.txn_p99_ms, 1)} ms"
             )
         if r.end_rss_mib is not None:
             lines.append(f"memory after the run (PSS): {r.end_rss_mib:.1f} MiB")
@@ -1231,7 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(figures)
                 print(
                     f"   {figures.status}: delivered/s "
-                    f"{_fmt(figures.delivered_per_s)} "
+                    f"{fmt(figures.delivered_per_s)} "
                     f"({time.monotonic() - started:.0f}s)",
                     flush=True,
                 )

@@ -38,8 +38,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from email.errors import MessageError
-from email.header import decode_header, make_header
 from enum import StrEnum
 
 import structlog
@@ -57,6 +55,7 @@ from relay.feedback_reports import (
     ComplaintReport,
     OriginalHeaders,
     ReportError,
+    decode_words,
     parse_bounce,
     parse_complaint,
 )
@@ -504,14 +503,8 @@ class FeedbackMail:
 
 
 def _decoded(raw: bytes) -> str:
-    """A Subject value, RFC 2047 words decoded where they are well formed."""
-    text = raw.decode("utf-8", "replace").replace("\r\n", "")
-    if "=?" not in text:
-        return text
-    try:
-        return str(make_header(decode_header(text)))
-    except (MessageError, LookupError, ValueError):
-        return text
+    """A Subject value, unfolded, RFC 2047 words decoded where well formed."""
+    return decode_words(raw.decode("utf-8", "replace").replace("\r\n", ""))
 
 
 def _network_of(peer_ip: str) -> str:

@@ -57,6 +57,7 @@ __all__ = [
     "ReportError",
     "ReportErrorReason",
     "SkippedAddress",
+    "decode_words",
     "is_recipient_hard_bounce",
     "parse_bounce",
     "parse_complaint",
@@ -679,11 +680,11 @@ def _header(message: Message, name: str, *, decode: bool = False) -> str | None:
     for key, value in message.raw_items():
         if key.strip().lower() == name:
             text = _text(value)
-            return _clean(_decode_words(text) if decode else text, _MAX_VALUE_CHARS)
+            return _clean(decode_words(text) if decode else text, _MAX_VALUE_CHARS)
     return None
 
 
-def _decode_words(value: str) -> str:
+def decode_words(value: str) -> str:
     """``value`` with RFC 2047 encoded words decoded; as is if they are bad."""
     if "=?" not in value:
         return value
