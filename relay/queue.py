@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,9 +30,38 @@ from storage.errors import StorageError
 log = structlog.get_logger(__name__)
 
 
-def new_queue_id() -> str:
-    """A short, unique, roughly time-ordered queue id (e.g. ``01JD3K7Q9F2A1B3C``)."""
-    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
+class _QueueIds:
+    """Queue ids: 11 hex digits of milliseconds, then a 24-bit sequence.
+
+    The sequence starts at a random point in each new millisecond and counts up
+    within it, so ids made by one process never repeat (a purely random suffix
+    collides within a busy millisecond) and sort in the order they were made.
+    A clock that steps back keeps the last millisecond until it catches up.
+    """
+
+    _START_BITS = 22  # random start in the lower quarter: 12 M ids of headroom
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._millis = 0
+        self._sequence = 0
+
+    def __call__(self) -> str:
+        now = int(time.time() * 1000)
+        with self._lock:
+            if now > self._millis:
+                self._millis, self._sequence = now, secrets.randbits(self._START_BITS)
+            elif self._sequence < 0xFFFFFF:
+                self._sequence += 1
+            else:
+                self._millis += 1
+                self._sequence = secrets.randbits(self._START_BITS)
+            millis, sequence = self._millis, self._sequence
+        return f"{millis:011X}{sequence:06X}"
+
+
+new_queue_id = _QueueIds()
+"""A short, unique, time-ordered queue id (e.g. ``0193F2A4C1DA1B3C4``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,7 +115,7 @@ def recipient_with_zero_hint() -> str:
 
 # -- strategies ------------------------------------------------------------------------
 
-# The shape of relay.queue.new_queue_id(): 11 hex digits of milliseconds, 6 random.
+# The shape of relay.queue.new_queue_id(): 11 hex digits of milliseconds, 6 of sequence.
 queue_ids = st.builds(
     lambda ms, rand: f"{ms:011X}{rand:06X}",
     st.integers(min_value=0, max_value=16**11 - 1),
