@@ -37,7 +37,7 @@ def test_a_clock_stepping_back_keeps_ids_unique_and_ordered(
 ) -> None:
     make = queue._QueueIds()
     now = [1_700_000_000.0]
-    monkeypatch.setattr(queue.time, "time", lambda: now[0])
+    monkeypatch.setattr(time, "time", lambda: now[0])
     first = [make() for _ in range(1000)]
     now[0] -= 5.0  # NTP steps the clock back five seconds
     after = [make() for _ in range(1000)]
@@ -51,7 +51,7 @@ def test_a_full_millisecond_moves_on_to_the_next(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     make = queue._QueueIds()
-    monkeypatch.setattr(queue.time, "time", lambda: 1_700_000_000.0)
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
     make()
     make._sequence = 0xFFFFFE
     ids = [make(), make(), make()]
