@@ -28,7 +28,7 @@ from storage.addresses import AddressError, canonical_address, canonical_domain
 if TYPE_CHECKING:
     from policies.base import Clock
     from storage.base import ConsentStore, SuppressionStore
-from policies.pipeline import Observer, Pipeline, PolicySettings
+from policies.pipeline import Observer, PassCounter, Pipeline, PolicySettings
 
 PolicyFactory = Callable[[Mapping[str, Any], PolicyEnv], Policy]
 """Builds a check from its table (without the generic keys) and the environment;
@@ -73,6 +73,7 @@ def build_pipeline(
     observer: Observer,
     env: PolicyEnv,
     registry: Mapping[str, PolicyFactory] | None = None,
+    passed: PassCounter | None = None,
 ) -> Pipeline:
     """Validate the ``[policies]`` section and build the pipeline it describes."""
     known = REGISTRY if registry is None else registry
@@ -109,7 +110,7 @@ def build_pipeline(
             checks.append((policy, settings))
     if problems:
         raise PolicyConfigError(problems)
-    return Pipeline(checks, observer)
+    return Pipeline(checks, observer, passed)
 
 
 def _settings(
@@ -201,8 +202,10 @@ def pipeline_for(
     consents: ConsentStore | None = None,
     base_dir: Path | None = None,
     registry: Mapping[str, PolicyFactory] | None = None,
+    passed: PassCounter | None = None,
 ) -> Pipeline:
-    """The pipeline ``config`` describes, with its accounts.
+    """The pipeline ``config`` describes, with its accounts; plain passes go to
+    ``passed`` where given (:data:`~policies.pipeline.PassCounter`).
 
     Every problem of ``[policies]`` and of the accounts' policy keys is reported
     in one :class:`PolicyConfigError`.
@@ -223,7 +226,13 @@ def pipeline_for(
     policies = config.policies
     try:
         pipeline = build_pipeline(
-            policies.mode, policies.order, policies.tables, observer, env, registry
+            policies.mode,
+            policies.order,
+            policies.tables,
+            observer,
+            env,
+            registry,
+            passed,
         )
     except PolicyConfigError as exc:
         problems.extend(exc.problems)

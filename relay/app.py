@@ -254,6 +254,7 @@ class Relay:
             suppressions=self.store,
             consents=self.store,
             base_dir=self.base_dir,
+            passed=self.handler.observe_pass,
         )
         content = pipeline.policy("content_categories")
         if isinstance(content, ContentCategories):
@@ -278,6 +279,7 @@ class Relay:
             self.handler.observe,
             self.metrics,
             count=workers,
+            passed=self.handler.observe_pass,
             on_warning=self.handler.spam_subject_warning,
         )
 

@@ -61,7 +61,14 @@ from policies.base import (
     defer,
 )
 from policies.content_categories import ContentCategories
-from policies.pipeline import POLICY_ERROR, Observation, Observer, Pipeline, StageResult
+from policies.pipeline import (
+    POLICY_ERROR,
+    Observation,
+    Observer,
+    PassCounter,
+    Pipeline,
+    StageResult,
+)
 from policies.registry import pipeline_for
 from relay.clock import SystemClock
 from relay.logs import configure_logging
@@ -285,10 +292,12 @@ class PolicyWorkers:
         count: int,
         on_warning: WarningHook | None = None,
         command: Sequence[str] | None = None,
+        passed: PassCounter | None = None,
     ) -> None:
         self._setup_frame = _frame(setup)
         self._local = local
         self._observer = observer
+        self._passed = passed
         self._metrics = metrics
         self._on_warning = on_warning
         self._command = tuple(command or (sys.executable, "-m", "relay.policy_workers"))
@@ -396,7 +405,11 @@ class PolicyWorkers:
     def _replay(self, reply: Any) -> StageResult:
         """The worker's answer as a :class:`StageResult`; its verdicts observed."""
         _, policy, verdict, dropped, observed, warnings = reply
+        passed = self._passed
         for name, seen, mode, duration, error in observed:
+            if seen is None and error is None and passed is not None:
+                passed(name, Stage.DATA, _MODES[mode], duration)
+                continue
             self._observer(
                 Observation(
                     policy=name,

@@ -132,7 +132,7 @@ class RelayHandler:
         self.active_sessions = 0
         self.active_transactions = 0
         self.draining = False
-        self.pipeline = Pipeline((), self.observe)
+        self.pipeline = Pipeline((), self.observe, self.observe_pass)
         """The checks; replaced as a whole (a transaction keeps the one it read)."""
         self.data_checks: Callable[[PolicyContext], Awaitable[StageResult]] | None = (
             None
@@ -871,6 +871,15 @@ class RelayHandler:
             reason=verdict.reason or None,
             detail=verdict.detail or None,
         )
+
+    def observe_pass(
+        self, policy: str, stage: Stage, mode: Mode, seconds: float
+    ) -> None:
+        """A plain pass (:data:`~policies.pipeline.PassCounter`): what
+        :meth:`observe` does with one, without an :class:`Observation`."""
+        self._metrics.policy_verdicts.add((policy, stage, Outcome.PASS, mode), seconds)
+        if _ROOT_LOGGER.isEnabledFor(logging.DEBUG):
+            self.observe(Observation(policy, stage, PASS, mode, seconds))
 
     def spam_subject_warning(self, account: str, phrases: list[str]) -> None:
         """Spam-trigger phrases in a Subject: a warning, never a refusal."""

@@ -257,3 +257,29 @@ async def test_cancelling_the_transaction_cancels_a_suspended_check() -> None:
         raise AssertionError("the run was not cancelled")
     assert check.cancelled
     assert seen == []
+
+
+async def test_a_pass_counter_takes_plain_passes_and_the_observer_the_rest() -> None:
+    plain = Fixed("plain", PASS, BOTH)
+    noted = Fixed("noted", Verdict(Outcome.PASS, "allowed", "category allowed"), BOTH)
+    watched = Fixed("watched", refuse("would_refuse", "would refuse"), BOTH)
+    seen: list[Observation] = []
+    counted: list[tuple[str, Stage, Mode, float]] = []
+    pipeline = Pipeline(
+        [
+            (plain, PolicySettings()),
+            (noted, PolicySettings()),
+            (watched, PolicySettings(mode=Mode.MONITOR)),
+            (Broken("broken"), PolicySettings(on_error=OnError.PASS)),
+        ],
+        seen.append,
+        lambda *args: counted.append(args),
+    )
+    assert (await pipeline.run(ctx())).passed
+    assert [(name, stage, mode) for name, stage, mode, _ in counted] == [
+        ("plain", Stage.DATA, Mode.ENFORCE)
+    ]
+    assert counted[0][3] >= 0
+    # A pass with a reason, a monitored refusal and a fault are observed in full.
+    assert [o.policy for o in seen] == ["noted", "watched", "broken"]
+    assert seen[2].error is not None and seen[2].verdict is PASS
