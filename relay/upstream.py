@@ -10,6 +10,7 @@ replaced before a message is risked on it.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ from relay.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 _IDLE_PROBE_SECONDS = 2.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_IN_A_PATH = re.compile(r"[ <>]")
 _QUIT_TIMEOUT_SECONDS = 1.0
 
 
@@ -69,6 +73,17 @@ def _classify(code: int) -> Outcome:
     if code == 552 or 400 <= code < 500:
         return Outcome.TEMPORARY
     return Outcome.PERMANENT
+
+
+def _path(address: str, encoding: str) -> bytes:
+    """``<address>`` for MAIL FROM or RCPT TO. Canonical addresses always pass;
+    the check is a last guard against anything that could end the path early
+    and smuggle in a parameter or a command (ValueError)."""
+    quoted = _QUOTED_LOCAL.match(address)
+    rest = address[quoted.end() :] if quoted else address
+    if _CONTROL.search(address) or _NOT_IN_A_PATH.search(rest):
+        raise ValueError(f"address {address!r} cannot be sent on a command line")
+    return b"<" + address.encode(encoding) + b">"
 
 
 def _clean(text: str) -> str:
@@ -153,6 +168,13 @@ class UpstreamConnection:
             await client.connect(timeout=cfg.connect_timeout_seconds)
             if cfg.username is not None and cfg.password is not None:
                 await client.login(cfg.username, cfg.password.get_secret_value())
+            if client.is_ehlo_or_helo_needed:
+                # Learn the extensions now: the first MAIL already needs to know
+                # whether SMTPUTF8 and 8BITMIME may be asked for.
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
             raise UpstreamUnavailableError(
@@ -251,26 +273,12 @@ class UpstreamConnection:
             options.append("BODY=8BITMIME")
         stage = "MAIL"
         try:
-            try:
-                await client.mail(mail_from, options=options, encoding=encoding)
-            except aiosmtplib.SMTPSenderRefused as exc:
-                return [
-                    replace(outcome, at_mail=True)
-                    for outcome in self._all(
-                        recipients, exc.code, exc.message, refused=True
-                    )
-                ]
+            refused = await self._mail(client, mail_from, recipients, options, encoding)
+            if refused is not None:
+                return refused
             stage = "RCPT"
             outcomes: dict[str, RecipientOutcome] = {}
-            accepted: list[str] = []
-            for rcpt in recipients:
-                try:
-                    await client.rcpt(rcpt, encoding=encoding)
-                    accepted.append(rcpt)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    outcomes[rcpt] = self._one(
-                        rcpt, exc.code, exc.message, refused=True
-                    )
+            accepted = await self._rcpts(client, recipients, encoding, outcomes)
             if accepted:
                 stage = "DATA"
                 try:
@@ -295,6 +303,69 @@ class UpstreamConnection:
             return self._all(recipients, None, f"upstream error during {stage}: {exc}")
         finally:
             self._last_used = time.monotonic()
+
+    # MAIL and RCPT are sent as they are: the addresses are the relay's canonical
+    # forms (aiosmtplib's mail() and rcpt() would parse each one again with
+    # email.utils, which costs more than the command itself).
+
+    async def _mail(
+        self,
+        client: aiosmtplib.SMTP,
+        mail_from: str,
+        recipients: Sequence[str],
+        options: list[str],
+        encoding: str,
+    ) -> list[RecipientOutcome] | None:
+        """MAIL FROM; ``None`` when accepted, else every recipient's outcome."""
+        try:
+            sender = _path(mail_from, encoding)
+        except ValueError as exc:
+            return [
+                RecipientOutcome(
+                    rcpt, Outcome.PERMANENT, None, "5.1.7", str(exc), at_mail=True
+                )
+                for rcpt in recipients
+            ]
+        reply = await client.execute_command(
+            b"MAIL",
+            b"FROM:" + sender,
+            *(option.encode("ascii") for option in options),
+        )
+        if reply.code == 250:
+            return None
+        return [
+            replace(outcome, at_mail=True)
+            for outcome in self._all(
+                recipients, reply.code, reply.message, refused=True
+            )
+        ]
+
+    async def _rcpts(
+        self,
+        client: aiosmtplib.SMTP,
+        recipients: Sequence[str],
+        encoding: str,
+        outcomes: dict[str, RecipientOutcome],
+    ) -> list[str]:
+        """RCPT TO for each recipient; the accepted ones (the refused land in
+        ``outcomes``)."""
+        accepted: list[str] = []
+        for rcpt in recipients:
+            try:
+                path = _path(rcpt, encoding)
+            except ValueError as exc:
+                outcomes[rcpt] = RecipientOutcome(
+                    rcpt, Outcome.PERMANENT, None, "5.1.3", str(exc)
+                )
+                continue
+            reply = await client.execute_command(b"RCPT", b"TO:" + path)
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                outcomes[rcpt] = self._one(
+                    rcpt, reply.code, reply.message, refused=True
+                )
+        return accepted
 
     def _drop(self) -> None:
         if self._client is not None:

@@ -794,3 +794,19 @@ async def test_a_write_that_timed_out_before_it_started_is_never_applied(
     await asyncio.sleep(0.3)
     assert [m.rcpt_tos for m in upstream.messages] == [["a@example.org"]]
     assert await relay.store.list_messages() == []
+
+
+async def test_first_message_on_a_new_upstream_connection_keeps_its_esmtp_options(
+    upstream: CaptureUpstream, raw: RawClient
+) -> None:
+    # The upstream's extensions are known before the first MAIL of a connection:
+    # a UTF-8 address and an 8-bit body go out with SMTPUTF8 and BODY=8BITMIME
+    # from the very first message, not only once the connection is reused.
+    await open_transaction(raw, rcpts=["jäne@example.org"], mail_params=" SMTPUTF8")
+    body = "Grüße aus Köln\r\n"
+    assert_reply(await raw.send_data(data_of(message(body=body))), "250", "2.0.0")
+    (got,) = await upstream.wait_for(1)
+    assert upstream.connections == 1
+    assert got.rcpt_tos == ["jäne@example.org"]
+    assert sorted(got.mail_options) == ["BODY=8BITMIME", "SMTPUTF8"]
+    assert "Grüße aus Köln".encode() in got.content
