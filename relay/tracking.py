@@ -54,6 +54,7 @@ _MAX_COPY = 0xFFFF  # two bytes in the token
 _TOKEN = re.compile(r"[a-z2-7]{37}", re.IGNORECASE | re.ASCII)
 _PLAIN_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,24}")
 _FALLBACK_LOCAL = "bounce"
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 
 
 class TokenError(ValueError):
@@ -70,8 +71,22 @@ class Reference:
     hint: int
 
 
+_B32_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+"""Every pair of base32 digits, by the 10 bits they spell."""
+
+
 def _b32(raw: bytes) -> str:
-    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+    """Base32 (RFC 4648) in lower case without padding: ``base64.b32encode``'s
+    digits, two at a time (it runs on every message, and base64's loops in Python)."""
+    bits = len(raw) * 8
+    digits = -(-bits // 5)
+    pairs = (digits + 1) // 2
+    value = int.from_bytes(raw, "big") << (pairs * 10 - bits)
+    table = _B32_PAIRS
+    text = "".join(
+        [table[(value >> shift) & 0x3FF] for shift in range(pairs * 10 - 10, -1, -10)]
+    )
+    return text[:digits]
 
 
 def _queue_id(queue_id: str) -> re.Match[str] | None:
@@ -105,7 +120,9 @@ class Tracker:
     """Makes and reads the relay's tracking tokens with one key."""
 
     def __init__(self, secret: str, bounce_domain: str | None) -> None:
-        self._key = hashlib.sha256(b"relay-tracking-v1:" + secret.encode()).digest()
+        key = hashlib.sha256(b"relay-tracking-v1:" + secret.encode()).digest()
+        # Keyed once; each MAC starts from a copy (hmac.new would key it again).
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
         self.bounce_domain = bounce_domain
 
     # -- making -------------------------------------------------------------------
@@ -214,11 +231,16 @@ class Tracker:
     def _hint(self, recipient: str) -> int:
         """16 bits that pick the recipient out of the message's list (keyed, so
         a Return-Path tells an onlooker nothing about the address)."""
-        digest = hmac.new(self._key, b"hint\x1f" + recipient.encode(), hashlib.sha256)
-        return int.from_bytes(digest.digest()[:2], "big")
+        return int.from_bytes(self._hmac(b"hint\x1f" + recipient.encode())[:2], "big")
 
     def _mac(self, purpose: str, payload: bytes, account: str, recipient: str) -> bytes:
         data = b"\x1f".join(
             (purpose.encode(), payload, account.encode(), recipient.encode())
         )
-        return hmac.new(self._key, data, hashlib.sha256).digest()[:_MAC_BYTES]
+        return self._hmac(data)[:_MAC_BYTES]
+
+    def _hmac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` with the tracking key."""
+        mac = self._keyed.copy()
+        mac.update(data)
+        return mac.digest()

@@ -19,6 +19,7 @@ from relay.tracking import (
     Reference,
     TokenError,
     Tracker,
+    _b32,
     message_id_key,
     trackable,
 )
@@ -592,3 +593,33 @@ def test_the_recipient_hint_depends_on_the_secret() -> None:
     mine = [tracker()._hint(r) for r in rcpts]
     theirs = [Tracker("t" * 40, BOUNCES)._hint(r) for r in rcpts]
     assert mine != theirs
+
+
+# -- the format does not drift --------------------------------------------------------
+
+
+def test_tokens_keep_their_format_across_versions() -> None:
+    # Mail already sent carries tokens of this exact spelling; bounces and reports
+    # quoting them arrive for weeks, through upgrades of the relay.
+    t = Tracker("golden-secret-0123456789abcdef", "bounces.example")
+    day = date(2026, 11, 23)
+    assert (
+        t.return_path(
+            "news@acme.example", "0193F2A4C1DA1B3C4", "acme", "jane@example.org", day
+        )
+        == "news+bhlaagj7fjgb3intyqaaatyqvwpw266wi3fcw@bounces.example"
+    )
+    assert (
+        t.return_path(
+            "news@acme.example", "0193F2A4C1DA1B3C4.7", "acme", "jane@example.org", day
+        )
+        == "news+bhlaagj7fjgb3intyqaaotyqsmhxaevdhivcm@bounces.example"
+    )
+    assert t.header("0193F2A4C1DA1B3C4", "acme", day) == (
+        b"X-Relay-Id: bhlaagj7fjgb3intyqaaaaaab3b3b7pg2bjgk\r\n"
+    )
+
+
+@given(st.binary(max_size=64))
+def test_base32_digits_are_rfc_4648s(raw: bytes) -> None:
+    assert _b32(raw) == base64.b32encode(raw).decode().rstrip("=").lower()
