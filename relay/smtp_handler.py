@@ -877,9 +877,10 @@ class RelayHandler:
     ) -> None:
         """A plain pass (:data:`~policies.pipeline.PassCounter`): what
         :meth:`observe` does with one, without an :class:`Observation`."""
-        self._metrics.policy_verdicts.add((policy, stage, Outcome.PASS, mode), seconds)
         if _ROOT_LOGGER.isEnabledFor(logging.DEBUG):
             self.observe(Observation(policy, stage, PASS, mode, seconds))
+            return
+        self._metrics.policy_verdicts.add((policy, stage, Outcome.PASS, mode), seconds)
 
     def spam_subject_warning(self, account: str, phrases: list[str]) -> None:
         """Spam-trigger phrases in a Subject: a warning, never a refusal."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import aiosmtplib
 import pytest
 
@@ -214,3 +216,47 @@ async def test_policies_see_the_classification(
     await smtp.quit()
     await upstream.wait_for(2)
     assert recorder.kinds == [MessageKind.MARKETING, MessageKind.TRANSACTIONAL]
+
+
+async def test_plain_passes_are_counted_and_logged_at_debug(
+    relay_server: Relay,
+    upstream: CaptureUpstream,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Passes take the counter's short way (no Observation each): the metric and,
+    # with debug logging on, the log line must be what observe() gives.
+    handler = relay_server.handler
+    handler.pipeline = Pipeline(
+        [(RefuseRecipient("bad@example.org"), PolicySettings())],
+        handler.observe,
+        handler.observe_pass,
+    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        smtp = await client(relay_server)
+        await smtp.sendmail("news@acme.example", ["good@example.org"], message())
+        await smtp.quit()
+    finally:
+        root.setLevel(level)
+    await upstream.wait_for(1)
+    assert (
+        relay_server.metrics.registry.get_sample_value(
+            "relay_policy_verdicts_total",
+            {
+                "policy": "refuse_recipient",
+                "stage": "rcpt",
+                "outcome": "pass",
+                "mode": "enforce",
+            },
+        )
+        == 1
+    )
+    logged = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if "policy_verdict" in line and "refuse_recipient" in line
+    ]
+    assert len(logged) == 1
+    assert "outcome=pass" in logged[0] and "stage=rcpt" in logged[0]
