@@ -11,6 +11,7 @@ from policies import (
     PASS,
     MessageKind,
     Mode,
+    Observation,
     Pipeline,
     PolicyContext,
     PolicySettings,
@@ -218,14 +219,23 @@ async def test_policies_see_the_classification(
     assert recorder.kinds == [MessageKind.MARKETING, MessageKind.TRANSACTIONAL]
 
 
-async def test_plain_passes_are_counted_and_logged_at_debug(
+async def test_plain_passes_are_counted_once_and_observed_in_full_at_debug(
     relay_server: Relay,
     upstream: CaptureUpstream,
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Passes take the counter's short way (no Observation each): the metric and,
-    # with debug logging on, the log line must be what observe() gives.
+    # Passes take the counter's short way (no Observation each). With debug
+    # logging on, observe() gets them in full, for its log line, and the metric
+    # is still counted once.
     handler = relay_server.handler
+    observed: list[Observation] = []
+    full = handler.observe
+
+    def observe(seen: Observation) -> None:
+        observed.append(seen)
+        full(seen)
+
+    monkeypatch.setattr(handler, "observe", observe)
     handler.pipeline = Pipeline(
         [(RefuseRecipient("bad@example.org"), PolicySettings())],
         handler.observe,
@@ -233,14 +243,24 @@ async def test_plain_passes_are_counted_and_logged_at_debug(
     )
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.DEBUG)
-    try:
+
+    async def send(rcpt: str) -> None:
         smtp = await client(relay_server)
-        await smtp.sendmail("news@acme.example", ["good@example.org"], message())
+        await smtp.sendmail("news@acme.example", [rcpt], message())
         await smtp.quit()
+
+    try:
+        root.setLevel(logging.INFO)
+        await send("good@example.org")  # info: counted, nothing observed
+        assert observed == []
+        root.setLevel(logging.DEBUG)
+        await send("other@example.org")  # debug: observed in full, counted once
     finally:
         root.setLevel(level)
-    await upstream.wait_for(1)
+    assert [(o.policy, o.stage, o.verdict) for o in observed] == [
+        ("refuse_recipient", Stage.RCPT, PASS)
+    ]
+    await upstream.wait_for(2)
     assert (
         relay_server.metrics.registry.get_sample_value(
             "relay_policy_verdicts_total",
@@ -251,12 +271,5 @@ async def test_plain_passes_are_counted_and_logged_at_debug(
                 "mode": "enforce",
             },
         )
-        == 1
+        == 2
     )
-    logged = [
-        line
-        for line in capsys.readouterr().out.splitlines()
-        if "policy_verdict" in line and "refuse_recipient" in line
-    ]
-    assert len(logged) == 1
-    assert "outcome=pass" in logged[0] and "stage=rcpt" in logged[0]
