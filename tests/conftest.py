@@ -13,6 +13,7 @@ import pytest
 from config import RelayConfig, parse_config
 from relay.app import Relay
 from relay.auth import hash_password
+from storage.sqlite import SqliteStore
 from tests.support.upstream import CaptureUpstream
 
 ACCOUNT = "acme"
@@ -61,6 +62,15 @@ def config_dict(db_path: Path, upstream_url: str) -> dict[str, Any]:
         # processes have tests of their own.
         "policies": {"workers": 0},
     }
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite store in a fresh file, closed after the test."""
+    opened = SqliteStore(tmp_path / "relay.db")
+    await opened.open()
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -30,14 +28,6 @@ class FixedClock:
 
     def monotonic(self) -> float:
         return 0.0
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    db = SqliteStore(tmp_path / "lists.db")
-    await db.open()
-    yield db
-    await db.close()
 
 
 def env(store: SqliteStore, default: MessageKind | None = None) -> PolicyEnv:

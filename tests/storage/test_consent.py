@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -42,14 +40,6 @@ def record(
         recorded_at=recorded_at,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "relay.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def test_record_round_trips_with_recorded_at_set(store: SqliteStore) -> None:

@@ -4,11 +4,8 @@ states and their audit trail, spamtraps and unattributed feedback."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import pytest
 
 from policies.reputation import hour_of
 from storage import (
@@ -32,14 +29,6 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)  # on the hour
 H0 = int(T0.timestamp()) // 3600
 CONTENT = b"From: news@acme.example\r\nSubject: hi\r\n\r\nHello\r\n"
 K = EventKind
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "relay.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def event(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -63,14 +63,6 @@ def bounce(recipient: str, dedup_key: str | None, queue_id: str = "Q1") -> Event
         bounce_type=BounceType.HARD,
         dedup_key=dedup_key,
     )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "relay.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def pragma(store: SqliteStore, name: str) -> object:

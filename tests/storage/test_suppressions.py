@@ -4,7 +4,6 @@ all-or-nothing writes, keyset pagination, the indexed lookup, and BLOCK events."
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -51,14 +50,6 @@ def entry(
 
 def key(item: Suppression) -> tuple[str, str, str]:
     return (item.address, item.account or "", item.reason.value)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "relay.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 # -- scope and expiry ----------------------------------------------------------

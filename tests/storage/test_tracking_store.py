@@ -4,7 +4,6 @@ it is read back and pruned, and the cap on kept feedback."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,14 +23,6 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 CONTENT = b"From: news@acme.example\r\nSubject: hi\r\n\r\nHello\r\n"
 MESSAGE_ID = "<m1@acme.example>"
 RCPTS = ("jane@example.org", "bob@example.net", "amy@example.org")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "relay.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def new_message(
